@@ -1,0 +1,47 @@
+# Set-up is two commands: `make demo` and `make test`; each creates the virtual
+# environment first when it is missing (it is a prerequisite, not a separate step).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+# Stages run as `python -m stages.<name>` from dvc: put the venv first on PATH.
+RUN := PATH="$(BIN):$$PATH"
+
+SETTING ?= demo
+DATA_ROOT ?=
+SET ?=
+
+.PHONY: install demo test test-fast bench-cam bench-features reproduce clean help
+
+help:
+	@echo "make demo       run the whole pipeline on the synthetic demo (dvc repro)"
+	@echo "make test       run the test suite"
+	@echo "make bench-cam  batched vs per-concept CAM timing (prints cam_speedup=...)"
+	@echo "make reproduce SETTING=<name> DATA_ROOT=<path> [SET='key=value ...']"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(RUN) dvc repro
+	$(RUN) dvc metrics show
+
+test: $(STAMP)
+	$(RUN) python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(RUN) python -m pytest -q -ra -m "not slow"
+
+bench-cam: $(STAMP)
+	$(RUN) python benchmarks/bench_cam.py
+
+bench-features: $(STAMP)
+	$(RUN) python benchmarks/bench_features_memory.py
+
+clean:
+	rm -rf cache data/synthetic

@@ -1,0 +1,226 @@
+"""Evaluation: three rows scored the same way over the evaluation split.
+
+- `model`: the trained segmenter's predictions;
+- `pseudo_labels`: the CAMs alone (argmax of min-max normalised maps);
+- `bottom_up`: k-means with the same number of clusters directly on the dense patch
+  features (L2-normalised), fitted on the concept split: the bottom-up reference.
+
+Every row gives a score map per image at the patch grid of the training-size input;
+a protocol (registry below) decides the geometry in which predictions and labels
+are compared. One confusion matrix over the whole split per row, one Hungarian
+matching (`pipeline.metrics.SegmentationMetrics`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import faiss
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+
+from pipeline.data import Manifest, load_label
+from pipeline.metrics import SegmentationMetrics
+from pipeline.runtime import log, progress
+
+# ----------------------------------------------------------------------------- protocols
+_PROTOCOLS: dict[str, "EvalProtocol"] = {}
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a native-resolution label and score map are brought to the scoring geometry.
+
+    `target_size(native (H, W), train (H, W))` gives the size predictions are upsampled
+    to; `crop(size)` the window of that grid that is scored (y0, x0, y1, x1).
+    """
+
+    name: str
+    description: str
+    target_size: Callable[[tuple[int, int], tuple[int, int]], tuple[int, int]]
+    crop: Callable[[tuple[int, int]], tuple[int, int, int, int]]
+
+
+def register_protocol(protocol: EvalProtocol) -> EvalProtocol:
+    _PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def get_protocol(name: str) -> EvalProtocol:
+    if name not in _PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol '{name}'; known: {', '.join(sorted(_PROTOCOLS))}")
+    return _PROTOCOLS[name]
+
+
+def list_protocols() -> list[str]:
+    return sorted(_PROTOCOLS)
+
+
+def _whole(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    return 0, 0, size[0], size[1]
+
+
+def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    h, w = size
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return y0, x0, y0 + side, x0 + side
+
+
+def _shortest_side(native: tuple[int, int], side: int = 320) -> tuple[int, int]:
+    h, w = native
+    scale = side / min(h, w)
+    return max(side, int(round(h * scale))), max(side, int(round(w * scale)))
+
+
+register_protocol(EvalProtocol(
+    "reference", "image and label squashed to the training size (labels nearest), as the TransFGU code",
+    lambda native, train: tuple(train), _whole))
+register_protocol(EvalProtocol(
+    "native", "predictions upsampled (bilinear scores) to each label's own resolution",
+    lambda native, train: tuple(native), _whole))
+register_protocol(EvalProtocol(
+    "stego", "shortest side resized to 320, centre crop 320x320, as STEGO (no CRF)",
+    lambda native, train: _shortest_side(native), _centre_square))
+
+
+def _resize_label_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if tuple(label.shape) == tuple(size):
+        return label
+    t = torch.from_numpy(label.astype(np.int64))[None, None].float()
+    return F.interpolate(t, size=size, mode="nearest")[0, 0].to(torch.int64).numpy()
+
+
+def score_to_prediction(scores: torch.Tensor, native: tuple[int, int], train: tuple[int, int],
+                        protocol: EvalProtocol) -> np.ndarray:
+    """Scores (K, h, w) -> predicted cluster ids in the protocol's geometry."""
+    size = protocol.target_size(native, train)
+    up = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    y0, x0, y1, x1 = protocol.crop(size)
+    return up[:, y0:y1, x0:x1].argmax(0).numpy()
+
+
+def label_in_protocol(label: np.ndarray, train: tuple[int, int], protocol: EvalProtocol) -> np.ndarray:
+    size = protocol.target_size(tuple(label.shape), train)
+    resized = _resize_label_nearest(label, size)
+    y0, x0, y1, x1 = protocol.crop(size)
+    return resized[y0:y1, x0:x1]
+
+
+# ----------------------------------------------------------------------------- score sources
+def cam_scores(handle: h5py.File, index: int) -> torch.Tensor:
+    """Per-image min-max normalised CAMs (K, h, w): the pseudo labels as scores."""
+    cam = torch.from_numpy(handle["cam"][index].astype(np.float32))
+    flat = cam.flatten(1)
+    low, high = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    return (cam - low) / (high - low).clamp_min(1e-12)
+
+
+class BottomUp:
+    """k-means on L2-normalised dense patch features; scores are negative distances."""
+
+    def __init__(self, store: zarr.Group, train_indices: np.ndarray, k: int, seed: int,
+                 max_points: int = 200_000, iterations: int = 50) -> None:
+        patch = store["patch"]
+        h, w, dim = patch.shape[1:]
+        rng = np.random.default_rng(seed)
+        per_image = max(1, min(h * w, max_points // max(len(train_indices), 1)))
+        samples = []
+        for i in train_indices:
+            feats = np.asarray(patch[int(i)], dtype=np.float32).reshape(-1, dim)
+            samples.append(feats[rng.choice(len(feats), size=per_image, replace=False)])
+        points = self._normalise(np.concatenate(samples))
+        self.kmeans = faiss.Kmeans(dim, k, niter=iterations, seed=seed, verbose=False,
+                                   max_points_per_centroid=max(256, len(points) // k + 1))
+        self.kmeans.train(points)
+        self.centroids = torch.from_numpy(self.kmeans.centroids.copy())
+
+    @staticmethod
+    def _normalise(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+
+    def scores(self, patch: np.ndarray) -> torch.Tensor:
+        """patch (h, w, D) -> (K, h, w) negative squared distances to the centroids."""
+        feats = torch.from_numpy(self._normalise(np.asarray(patch, dtype=np.float32)))
+        dist = torch.cdist(feats.flatten(0, 1), self.centroids).pow(2)
+        return (-dist).T.reshape(-1, *feats.shape[:2])
+
+
+# ----------------------------------------------------------------------------- scoring
+def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str, Callable[[int], torch.Tensor]],
+                  num_clusters: dict[str, int], *, train_size: tuple[int, int], protocol: str,
+                  show_progress: bool = True) -> dict:
+    """Score every source (name -> index -> scores (K, h, w)) over the images of eval_indices."""
+    proto = get_protocol(protocol)
+    num_classes = len(manifest.class_names)
+    meters = {name: SegmentationMetrics(num_classes, num_clusters[name], ignore_index=manifest.ignore_index)
+              for name in sources}
+    for i in progress(eval_indices, desc="evaluate", enabled=show_progress):
+        record = manifest.records[i]
+        if record.label is None:
+            raise ValueError(f"{record.image}: image of the evaluation split has no label")
+        label = load_label(manifest.resolve(record.label), manifest.dataset, num_classes,
+                           expect_size=(record.height, record.width))
+        target = label_in_protocol(label, train_size, proto)
+        for name, source in sources.items():
+            pred = score_to_prediction(source(i), (record.height, record.width), train_size, proto)
+            meters[name].update(pred, target)
+    rows = {}
+    for name, meter in meters.items():
+        result = meter.compute()
+        result["per_class_iou"] = dict(zip(manifest.class_names, result["per_class_iou"]))
+        rows[name] = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+                      "per_class_iou": result["per_class_iou"], "num_clusters": num_clusters[name],
+                      "protocol": proto.name, "matching": result["matching"],
+                      "confusion": result["confusion"]}
+        log(f"evaluate: {name:14s} mIoU {result['miou']:6.2f}  pixel accuracy {result['pixel_accuracy']:6.2f}")
+    return rows
+
+
+def batched_model_scores(model: torch.nn.Module, images_of: Callable[[list[int]], torch.Tensor],
+                         indices: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, logits (K, h, w)) for every index, running the model in batches."""
+    from pipeline.runtime import autocast
+
+    model.to(device).eval()
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        with torch.no_grad(), autocast(device):
+            logits = model(images_of(batch).to(device)).float().cpu()
+        yield from zip(batch, logits)
+
+
+def plot_confusion(row: dict, class_names: list[str], path: str | Path, title: str) -> Path:
+    """Row-normalised matched confusion matrix as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = np.asarray(row["confusion"], dtype=np.float64)
+    norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted (Hungarian-matched)")
+    ax.set_ylabel("ground truth")
+    for y in range(n):
+        for x in range(n):
+            if norm[y, x] >= 0.01:
+                ax.text(x, y, f"{100 * norm[y, x]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[y, x] > 0.5 else "black")
+    ax.set_title(f"{title}: mIoU {row['miou']:.1f}, pixel acc. {row['pixel_accuracy']:.1f}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,245 @@
+"""Frozen-backbone features: dense patch features, embeddings, saliency and crop embeddings.
+
+For every image of the manifest, at the training size: patch features (h, w, D),
+the global embedding (D,) and the saliency map (h, w) (the [CLS] attention for
+ViTs). For every image of the concept split, the paper's crops: the image is
+resized to `concept_scale` x the training size, square windows slide over it at
+several side fractions, each window is classed thing / stuff by its share of
+foreground, and the windows of the pools in use are resized to `crop_size` and
+embedded. Images are streamed in batches and written chunk by chunk, so memory does
+not grow with the dataset.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torchvision.ops import roi_align
+
+from pipeline.backbones import Backbone
+from pipeline.config import FeaturesConfig
+from pipeline.data import Manifest, load_image, resize_image
+from pipeline.runtime import autocast, log, progress
+from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, commit, create_feature_store,
+                            partial_path, shards)
+
+
+# ----------------------------------------------------------------------------- windows
+def window_positions(length: int, side: int, stride: int) -> list[int]:
+    """Starts of windows of `side` every `stride` pixels, plus one flush with the far border
+    when the regular grid leaves pixels uncovered (142 windows per 640x640 COCO image,
+    306 per 640x1280 Cityscapes image, as in the paper)."""
+    if side >= length:
+        return [0]
+    starts = list(range(0, length - side + 1, stride))
+    if starts[-1] + side < length:
+        starts.append(length - side)
+    return starts
+
+
+def sliding_windows(height: int, width: int, fractions: list[float], stride: float) -> np.ndarray:
+    """Square windows (W, 4) as (y0, x0, y1, x1); side = fraction x the shorter image side."""
+    boxes = []
+    for fraction in fractions:
+        side = max(1, int(round(fraction * min(height, width))))
+        step = max(1, int(side * stride))
+        for y0 in window_positions(height, side, step):
+            for x0 in window_positions(width, side, step):
+                boxes.append((y0, x0, y0 + side, x0 + side))
+    return np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
+
+
+def classify_windows(foreground: np.ndarray, boxes: np.ndarray, thing_fraction: float,
+                     stuff_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Thing / stuff kind of each window from a boolean foreground mask (H, W).
+
+    Returns (kind (W,) uint8 with CROP_KINDS codes, foreground share (W,)). An integral
+    image gives every window's share in O(1).
+    """
+    integral = np.pad(foreground.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    y0, x0, y1, x1 = boxes.T
+    area = (y1 - y0) * (x1 - x0)
+    share = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+    kind = np.zeros(len(boxes), dtype=np.uint8)
+    kind[share > thing_fraction] = CROP_KINDS["thing"]
+    kind[(1.0 - share) > stuff_fraction] = CROP_KINDS["stuff"]
+    return kind, share
+
+
+def foreground_mask(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Saliency (B, h, w) upsampled to `size` and thresholded at each image's mean -> bool (B, H, W)."""
+    upsampled = F.interpolate(saliency[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return upsampled > upsampled.mean(dim=(1, 2), keepdim=True)
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclass
+class FeatureLayout:
+    """Shapes the store is created with, derived once from the config and the backbone."""
+
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    concept_size: tuple[int, int]
+    windows: np.ndarray          # (W, 4) in concept-scale pixels
+    dim: int
+
+    @classmethod
+    def from_config(cls, cfg: FeaturesConfig, backbone: Backbone) -> "FeatureLayout":
+        h, w = (int(v) for v in cfg.image_size)
+        stride = backbone.patch_size
+        if h % stride or w % stride:
+            raise ValueError(f"features.image_size {h}x{w} must be a multiple of the backbone's "
+                             f"patch size {stride}")
+        concept = (int(round(h * cfg.concept_scale)), int(round(w * cfg.concept_scale)))
+        windows = sliding_windows(*concept, list(cfg.crop_fractions), cfg.crop_stride)
+        return cls((h, w), (h // stride, w // stride), concept, windows, backbone.embed_dim)
+
+
+def crop_slots(manifest: Manifest, crop_split: str) -> np.ndarray:
+    """For each manifest image, its block index in the crop arrays (-1: no crops)."""
+    slots = np.full(len(manifest.records), -1, dtype=np.int64)
+    members = [i for i, record in enumerate(manifest.records) if record.split == crop_split]
+    slots[members] = np.arange(len(members))
+    return slots
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def embed_crops(backbone: Backbone, concept_images: torch.Tensor, boxes: torch.Tensor,
+                owners: torch.Tensor, crop_size: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Embeddings (M, D) of M crops. boxes (M, 4) (y0, x0, y1, x1) index into concept_images
+    (B, 3, Hc, Wc) through owners (M,). roi_align averages 2x2 samples per output pixel,
+    which anti-aliases the downscaled large windows."""
+    out = []
+    for start in range(0, len(boxes), batch_size):
+        sel = slice(start, start + batch_size)
+        y0, x0, y1, x1 = boxes[sel].float().unbind(1)
+        rois = torch.stack([owners[sel].float(), x0, y0, x1, y1], dim=1).to(device)
+        crops = roi_align(concept_images, rois, output_size=crop_size, spatial_scale=1.0,
+                          sampling_ratio=2, aligned=True)
+        with autocast(device):
+            out.append(backbone(crops).embedding.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, backbone.embed_dim)
+
+
+def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: int, *,
+                        backbone: Backbone, cfg: FeaturesConfig, layout: FeatureLayout,
+                        slots: np.ndarray, batch_size: int, device: torch.device, bar=None) -> None:
+    """Compute and write images [start, stop): their rows of every array, nothing else."""
+    pools = {CROP_KINDS[name] for name in cfg.pools}
+    n_windows = len(layout.windows)
+    for b0 in range(start, stop, batch_size):
+        b1 = min(b0 + batch_size, stop)
+        records = manifest.records[b0:b1]
+        originals = [load_image(manifest.resolve(r.image)) for r in records]
+        images = _to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
+        with torch.no_grad(), autocast(device):
+            out = backbone(images)
+        root["patch"][b0:b1] = out.patch.float().cpu().numpy().astype(np.float16)
+        root["embedding"][b0:b1] = out.embedding.float().cpu().numpy()
+        root["saliency"][b0:b1] = out.saliency.float().cpu().numpy().astype(np.float16)
+
+        with_crops = [j for j in range(b1 - b0) if slots[b0 + j] >= 0]
+        if with_crops and n_windows:
+            concept = _to_tensor([resize_image(originals[j], layout.concept_size) for j in with_crops]).to(device)
+            fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
+            kinds, owners, boxes = [], [], []
+            for local, j in enumerate(with_crops):
+                kind, _ = classify_windows(fg[local], layout.windows, cfg.thing_fraction, cfg.stuff_fraction)
+                if "all" in cfg.pools:
+                    kind = np.full_like(kind, CROP_KINDS["all"])
+                kinds.append(kind)
+                keep = np.flatnonzero(np.isin(kind, list(pools)))
+                owners.append(np.full(len(keep), local))
+                boxes.append(layout.windows[keep])
+            embeddings = embed_crops(backbone, concept, torch.from_numpy(np.concatenate(boxes)),
+                                     torch.from_numpy(np.concatenate(owners)), cfg.crop_size,
+                                     batch_size * 4, device).numpy()
+            offset = 0
+            for local, j in enumerate(with_crops):
+                rows = slice(slots[b0 + j] * n_windows, (slots[b0 + j] + 1) * n_windows)
+                kind = kinds[local]
+                keep = np.isin(kind, list(pools))
+                block = np.zeros((n_windows, layout.dim), dtype=np.float32)
+                block[keep] = embeddings[offset:offset + keep.sum()]
+                offset += int(keep.sum())
+                root["crops/embedding"][rows] = block
+                root["crops/box"][rows] = layout.windows
+                root["crops/image"][rows] = np.full(n_windows, b0 + j, dtype=np.int32)
+                root["crops/kind"][rows] = np.where(keep, kind, CROP_KINDS["none"]).astype(np.uint8)
+        if bar is not None:
+            bar.update(b1 - b0)
+
+
+def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, out: str | Path, *,
+                     crop_split: str, batch_size: int, device: torch.device, weights_source: str = "",
+                     show_progress: bool = True) -> Path:
+    """Build `out` (a Zarr v3 store) for every image of the manifest; resumable.
+
+    The store is built at `<out>.partial`; finished shards of `cfg.chunk_images` images are
+    logged, so a rerun after an interruption continues where it stopped (if it was
+    made with the same backbone and params), and `out` appears only when complete.
+    """
+    from dataclasses import asdict
+
+    from pipeline.store import fingerprint
+
+    out = Path(out)
+    layout = FeatureLayout.from_config(cfg, backbone)
+    slots = crop_slots(manifest, crop_split)
+    n_crop_images = int((slots >= 0).sum())
+    attrs = {
+        "backbone": backbone.name,
+        "weights_id": backbone.weights_id,
+        "weights_source": weights_source,
+        "image_size": list(layout.image_size),
+        "grid": list(layout.grid),
+        "concept_size": list(layout.concept_size),
+        "windows_per_image": int(len(layout.windows)),
+        "crop_split": crop_split,
+        "params": asdict(cfg),
+        "dataset": manifest.dataset,
+        "images_hash": fingerprint([r.id for r in manifest.records]),
+        "n_images": len(manifest.records),
+    }
+    partial = partial_path(out)
+    log_dir = ShardLog(partial.with_name(partial.name + ".shards"))
+    root = None
+    if partial.exists():
+        try:
+            existing = zarr.open_group(str(partial), mode="r+")
+            check_provenance(partial, dict(existing.attrs), attrs)
+            root = existing
+        except Exception:  # another config or a broken store: start over
+            root = None
+    if root is None:
+        log_dir.clear()
+        root = create_feature_store(partial, n_images=len(manifest.records), grid=layout.grid,
+                                    dim=layout.dim, n_crop_images=n_crop_images,
+                                    windows_per_image=len(layout.windows), attrs=attrs)
+    backbone.to(device).eval()
+    todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
+    skipped = len(manifest.records) - sum(b - a for a, b in todo)
+    tic = time.perf_counter()
+    with progress(total=len(manifest.records), desc="features", enabled=show_progress) as bar:
+        bar.update(skipped)
+        for a, b in todo:
+            write_feature_shard(root, manifest, a, b, backbone=backbone, cfg=cfg, layout=layout,
+                                slots=slots, batch_size=batch_size, device=device, bar=bar)
+            log_dir.mark(a, b)
+    seconds = time.perf_counter() - tic
+    done = len(manifest.records) - skipped
+    log(f"features: {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s"
+        f"{f', {skipped} resumed from a previous run' if skipped else ''}); "
+        f"grid {layout.grid}, {len(layout.windows)} windows per image, {n_crop_images} images with crops")
+    commit(partial, out)
+    log_dir.clear()
+    return out

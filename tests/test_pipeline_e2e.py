@@ -1,0 +1,129 @@
+"""`dvc repro` end to end on a tiny synthetic configuration, in a temporary copy of the repo."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "synthetic": {"n_train": 32, "n_val": 12, "size": [128, 128]},
+    "features": {"image_size": [128, 128], "crop_fractions": [0.5], "crop_size": 64, "chunk_images": 16},
+    "concepts": {"k": {"thing": 3, "stuff": 3}, "iterations": 20},
+    "train": {"epochs": 6, "batch_size": 8, "lr": 0.0005, "bootstrap_start": 3, "teacher_interval": [3]},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "k":
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """Tracked files of the repo, a fresh git + the committed .dvc/, tiny params."""
+    dest = tmp_path_factory.mktemp("repo")
+    for name in ["pipeline", "stages", "dvc.yaml", "params.yaml", ".dvc", ".gitignore", "pyproject.toml"]:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy2(src, dest / name)
+    params = _merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], dest)
+    _run(["dvc", "repro"], dest)
+    return dest
+
+
+def test_every_artifact_is_there_and_well_formed(repo_copy):
+    cache = repo_copy / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    n = len(manifest["records"])
+    assert n == 44
+
+    features = zarr.open_group(str(cache / "features.zarr"), mode="r")
+    assert features["patch"].shape[:3] == (n, 8, 8) and features["patch"].dtype == np.float16
+    assert features["embedding"].shape[0] == n and features["saliency"].shape == (n, 8, 8)
+    kinds = features["crops/kind"][:]
+    assert set(np.unique(kinds)) <= {0, 1, 2} and (kinds > 0).sum() > 0
+    assert features.attrs["backbone"] == "efficientnet_lite0"
+    assert not list(cache.glob("*.partial"))
+
+    concepts = json.loads((cache / "concepts" / "concepts.json").read_text())
+    assert concepts["k"] == 6 and sum(concepts["sizes"]) == int((kinds > 0).sum())
+
+    with h5py.File(cache / "pseudolabels.h5", "r") as handle:
+        assert handle["cam"].shape == (n, 6, 8, 8) and handle["cam"].dtype == np.float16
+        assert handle["cam"].chunks == (1, 6, 8, 8)
+        assert handle["label"].shape == (n, 8, 8)
+        assert handle["done"][:].all()
+        assert np.isfinite(handle["cam"][:].astype(np.float32)).all()
+
+    log = (cache / "model" / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch") and len(log) == 1 + TINY["train"]["epochs"]
+    assert (cache / "model" / "model.pt").exists()
+    assert (cache / "plots" / "confusion_model.png").exists()
+
+
+def test_model_beats_a_random_assignment(repo_copy):
+    from pipeline.data import Manifest, load_label
+    from pipeline.metrics import SegmentationMetrics
+
+    metrics = json.loads((repo_copy / "cache" / "metrics.json").read_text())
+    for row in ("model", "pseudo_labels", "bottom_up"):
+        assert set(metrics[row]) >= {"miou", "pixel_accuracy", "per_class_iou", "protocol"}
+    manifest = Manifest.load(repo_copy / "cache" / "manifest.json")
+    rng = np.random.default_rng(0)
+    random = SegmentationMetrics(len(manifest.class_names), 6)
+    for record in manifest.split("val"):
+        label = load_label(manifest.resolve(record.label), manifest.dataset, len(manifest.class_names))
+        random.update(rng.integers(0, 6, size=label.shape), label)
+    chance = random.compute()["miou"]
+    assert metrics["model"]["miou"] > 2 * chance, (metrics["model"]["miou"], chance)
+
+
+def test_nothing_changed_after_repro_and_train_param_reruns_only_train_and_evaluate(repo_copy):
+    status = _run(["dvc", "status"], repo_copy).stdout
+    assert "up to date" in status, status
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["train"]["epochs"] = 7
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = _run(["dvc", "repro", "--dry"], repo_copy).stdout
+    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}, dry
+    params["train"]["epochs"] = TINY["train"]["epochs"]
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_single_stage_rerun(repo_copy):
+    out = _run(["dvc", "repro", "-f", "-s", "concepts"], repo_copy).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"concepts"}, out
+    metrics = _run(["dvc", "metrics", "show"], repo_copy).stdout
+    assert "model.miou" in metrics

@@ -1,0 +1,91 @@
+"""Config parsing, atomic outputs, shard bookkeeping and provenance checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import InputError, ProvenanceError
+from pipeline.store import (ShardLog, check_provenance, commit, create_feature_store, features_as_dask,
+                            open_features, partial_path, shards)
+
+
+def test_params_yaml_of_the_repo_parses():
+    config = load_config("params.yaml")
+    assert config.data.dataset == "synthetic"
+    assert config.features.image_size == [224, 224]
+
+
+def test_unknown_key_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("features:\n  image_sise: [224, 224]\n")
+    with pytest.raises(InputError, match=r"params.yaml: unknown key\(s\) in 'features': image_sise"):
+        load_config(path)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    config = load_config(path, ["train.epochs=5", "features.image_size=[64, 96]", "concepts.k={all: 3}"])
+    assert config.train["epochs"] == 5
+    assert config.features.image_size == [64, 96]
+    assert config.concepts.k == {"all": 3}
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(InputError, match="params file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shards_cover_range_once():
+    ranges = list(shards(10, 4))
+    assert ranges == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_shard_log(tmp_path):
+    log = ShardLog(tmp_path / "log")
+    assert not log.done(0, 4)
+    log.mark(0, 4)
+    assert log.done(0, 4) and not log.done(4, 8)
+    log.clear()
+    assert not log.done(0, 4)
+
+
+def test_commit_replaces_folder_and_keeps_old_until_new_is_complete(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    partial = partial_path(final)
+    partial.mkdir()
+    (partial / "new.txt").write_text("new")
+    commit(partial, final)
+    assert (final / "new.txt").read_text() == "new"
+    assert not (final / "old.txt").exists()
+    assert not partial.exists()
+
+
+def test_provenance_mismatch_names_the_key(tmp_path):
+    check_provenance(tmp_path, {"backbone": "a", "size": [1, 2]}, {"size": (1, 2)})
+    with pytest.raises(ProvenanceError, match="backbone: artifact has 'a', this run expects 'b'"):
+        check_provenance(tmp_path, {"backbone": "a"}, {"backbone": "b"})
+
+
+def test_feature_store_layout_and_lazy_dask(tmp_path):
+    path = tmp_path / "features.zarr"
+    root = create_feature_store(path, n_images=3, grid=(2, 3), dim=4, n_crop_images=2,
+                                windows_per_image=5, attrs={"backbone": "x"})
+    root["patch"][1:2] = np.ones((1, 2, 3, 4), dtype=np.float16)
+    assert root["patch"].chunks == (1, 2, 3, 4)
+    assert root["crops/embedding"].shape == (10, 4)
+    arrays = features_as_dask(path)
+    assert float(arrays["patch"].sum().compute()) == 24.0
+    assert arrays["crops/kind"].dtype == np.uint8
+    opened = open_features(path, expected={"backbone": "x"})
+    assert opened.attrs["backbone"] == "x"
+    with pytest.raises(ProvenanceError):
+        open_features(path, expected={"backbone": "y"})
+
+
+def test_missing_feature_store_says_what_to_run(tmp_path):
+    with pytest.raises(InputError, match="run the features stage first"):
+        open_features(tmp_path / "features.zarr")

@@ -1,0 +1,302 @@
+"""Training: config, schedule, augmentation alignment, losses, learning, resume."""
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import InputError
+from pipeline.model import MaskTransformerDecoder
+from pipeline.train import (
+    PseudoLabelDataset,
+    TrainConfig,
+    augment_batch,
+    crop_and_resize,
+    diversity_loss,
+    is_teacher_update_epoch,
+    load_segmenter,
+    normalise_cams,
+    peer_alpha,
+    photometric_augment,
+    predict_logits,
+    pseudo_targets,
+    sample_crop_boxes,
+    teacher_interval_at,
+    teacher_update,
+    teacher_update_epochs,
+    train_segmenter,
+    uncertainty_loss,
+)
+
+PATCH = 8
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in for pipeline.backbones.Backbone: a frozen stride-8 conv with a fixed init."""
+
+    def __init__(self, dim: int = 24, patch_size: int = PATCH) -> None:
+        super().__init__()
+        self.name, self.weights_id = "tiny", "random:0"
+        self.embed_dim, self.patch_size = dim, patch_size
+        g = torch.Generator().manual_seed(123)
+        self.conv = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) / patch_size)
+            self.conv.bias.zero_()
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x):
+        f = self.conv(x).permute(0, 2, 3, 1)
+        return SimpleNamespace(patch=f, embedding=f.mean((1, 2)), saliency=f.norm(dim=-1), attention=None)
+
+
+def colour_block_data(n: int, size: int = 64, seed: int = 0):
+    """Images of 8x8 blocks each dominated by one of R, G, B; CAM = one-hot of the colour."""
+    rng = np.random.default_rng(seed)
+    g = size // PATCH
+    labels = rng.integers(0, 3, size=(n, g, g))
+    colours = np.full((n, g, g, 3), 0.15) + rng.uniform(-0.1, 0.1, size=(n, g, g, 3))
+    np.put_along_axis(colours, labels[..., None], 0.85, axis=-1)
+    images = np.repeat(np.repeat(colours, PATCH, axis=1), PATCH, axis=2)
+    images = (np.clip(images, 0, 1) * 255).astype(np.uint8)
+    cams = np.eye(3, dtype=np.float32)[labels].transpose(0, 3, 1, 2)  # (n, 3, g, g)
+    return images, cams, labels
+
+
+def make_dataset(images, cams):
+    return PseudoLabelDataset(lambda i: images[i], lambda i: cams[i], len(images))
+
+
+def fast_config(**overrides) -> TrainConfig:
+    base = dict(
+        epochs=3, lr=1e-3, batch_size=8, num_workers=0, device="cpu", seed=0,
+        decoder_heads=6, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+        bootstrap=False, decoder_dropout=0.0,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- config / schedule
+
+
+def test_config_defaults_and_parsing():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.weight_decay, cfg.grad_clip_value) == (1e-4, 5e-4, 1.0)
+    assert cfg.crop_scale == (0.4, 0.9) and cfg.crop_output_fraction == 0.5
+    assert (cfg.jitter_p, cfg.grayscale_p, cfg.blur_p, cfg.hflip) == (0.3, 0.2, 0.2, True)
+    assert (cfg.uncertainty_weight, cfg.diversity_weight, cfg.teacher_mix) == (0.3, 1.0, 0.5)
+    assert (cfg.peer_alpha_start, cfg.peer_alpha_end) == (0.03, 0.10)
+    assert TrainConfig(teacher_interval="3,3,3,2").teacher_interval == [3, 3, 3, 2]
+    assert TrainConfig(teacher_interval=[4]).teacher_interval == 4
+    assert TrainConfig.from_dict({"crop_scale": [0.5, 0.8]}).crop_scale == (0.5, 0.8)
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError):
+        TrainConfig(crop_scale=(0.9, 0.4))
+
+
+def test_teacher_schedule_matches_reference():
+    # COCO-Stuff-171: intervals 3,3,3,2 (one entry per 10 epochs), bootstrapping from 3
+    cfg = TrainConfig(epochs=40, teacher_interval=[3, 3, 3, 2], bootstrap_start=3)
+    assert teacher_update_epochs(cfg) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 32, 34, 36, 38]
+    assert teacher_interval_at(29, cfg) == 3 and teacher_interval_at(30, cfg) == 2 and teacher_interval_at(99, cfg) == 2
+    # COCO-Stuff-27: 2 / 2
+    assert teacher_update_epochs(TrainConfig(epochs=9)) == [2, 4, 6, 8]
+    # bootstrapping off: never
+    assert teacher_update_epochs(TrainConfig(epochs=9, bootstrap=False)) == []
+    # bootstrap_start that is no multiple of the interval still starts with an update
+    cfg = TrainConfig(epochs=8, teacher_interval=3, bootstrap_start=2)
+    assert teacher_update_epochs(cfg) == [2, 3, 6]
+    assert not is_teacher_update_epoch(1, cfg)
+
+
+def test_peer_alpha_steps_from_003_to_010():
+    cfg = TrainConfig()
+    assert [peer_alpha(i, cfg) for i in range(10)] == pytest.approx(
+        [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.10, 0.10]
+    )
+
+
+def test_teacher_update_copies_student_and_resets_it():
+    torch.manual_seed(0)
+    student, teacher = MaskTransformerDecoder(12, 3), MaskTransformerDecoder(12, 3)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    trained = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher_update(student, teacher, initial)
+    for k in initial:
+        assert torch.equal(teacher.state_dict()[k], trained[k])
+        assert torch.equal(student.state_dict()[k], initial[k])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _ramp_batch(b: int, size: tuple[int, int]):
+    """Linear ramps (bilinear sampling and box averaging are exact on them) and their
+    patch-averaged CAMs."""
+    h, w = size
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    slopes = torch.rand(b, 3, 2)
+    images = (slopes[..., 0, None, None] * yy + slopes[..., 1, None, None] * xx) / (h + w)
+    cams = F.avg_pool2d(images, PATCH)  # CAM channel k = image channel k on the patch grid
+    return images, cams
+
+
+def test_crop_keeps_image_and_cam_aligned():
+    torch.manual_seed(0)
+    images, cams = _ramp_batch(6, (64, 96))
+    boxes = sample_crop_boxes(6, (64, 96), (0.4, 0.9), torch.Generator().manual_seed(0))
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 64).all()
+    out, cam_out = crop_and_resize(images, cams, boxes, (32, 48), (4, 6))
+    assert out.shape == (6, 3, 32, 48) and cam_out.shape == (6, 3, 4, 6)
+    pooled = F.avg_pool2d(out, PATCH)
+    # border cells may sample outside the CAM grid's first/last cell centres (clamped)
+    assert torch.allclose(pooled[..., 1:-1, 1:-1], cam_out[..., 1:-1, 1:-1], atol=1e-5)
+    assert torch.allclose(pooled, cam_out, atol=0.05)
+
+
+def test_augment_batch_keeps_alignment_through_flip():
+    torch.manual_seed(1)
+    images, cams = _ramp_batch(16, (64, 64))
+    cfg = TrainConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, hflip=True)
+    out, cam_out = augment_batch(images, cams, cfg, PATCH, torch.Generator().manual_seed(3))
+    assert out.shape == (16, 3, 32, 32) and cam_out.shape == (16, 3, 4, 4)
+    pooled = F.avg_pool2d(out, PATCH)
+    assert torch.allclose(pooled[..., 1:-1, 1:-1], cam_out[..., 1:-1, 1:-1], atol=1e-5)
+    # some samples were flipped: their x-slope changed sign relative to the original
+    dx_img = images[:, 0, 0, -1] - images[:, 0, 0, 0]
+    dx_out = out[:, 0, 16, -1] - out[:, 0, 16, 0]
+    flipped = (dx_img * dx_out) < 0
+    assert 0 < int(flipped.sum()) < 16
+
+
+def test_photometric_augment_ranges():
+    x = torch.rand(8, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    same = photometric_augment(x, TrainConfig(jitter_p=0, grayscale_p=0, blur_p=0), g)
+    assert torch.equal(same, x)
+    y = photometric_augment(x, TrainConfig(jitter_p=1, grayscale_p=0, blur_p=1), g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(y, x)
+    z = photometric_augment(x, TrainConfig(jitter_p=0, grayscale_p=1, blur_p=0), g)
+    assert torch.allclose(z[:, 0], z[:, 1]) and torch.allclose(z[:, 1], z[:, 2])
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_diversity_loss():
+    eye = torch.eye(4, 8).unsqueeze(0).repeat(2, 1, 1)
+    assert diversity_loss(eye).item() == pytest.approx(1.0)
+    same = torch.ones(1, 3, 8)
+    assert diversity_loss(same).item() == pytest.approx(2.0)
+    opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    assert diversity_loss(opposite).item() == pytest.approx(0.0)
+
+
+def test_uncertainty_loss_range():
+    logits = torch.randn(4, 5, 6, 6) * 3
+    u = uncertainty_loss(logits).item()
+    assert 0 <= u <= 1
+    assert uncertainty_loss(torch.zeros(1, 5, 2, 2)).item() == pytest.approx(1.0)
+    confident = torch.zeros(1, 5, 2, 2)
+    confident[:, 2] = 100
+    assert uncertainty_loss(confident).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cam_normalisation_and_targets():
+    cams = torch.zeros(1, 2, 1, 2)
+    cams[0, 0] = torch.tensor([[2.0, 1.0]])
+    cams[0, 1] = torch.tensor([[0.0, 0.5]])
+    sample = normalise_cams(cams, "sample")  # one min/max over both channels: 0 .. 2
+    assert torch.allclose(sample[0, :, 0, 1], torch.tensor([0.5, 0.25]))
+    channel = normalise_cams(cams, "channel")  # each channel to 0 .. 1
+    assert torch.allclose(channel[0, :, 0, 1], torch.tensor([0.0, 1.0]))
+    _, target = pseudo_targets(sample)
+    assert target.tolist() == [[[0, 0]]]
+    teacher = torch.full((1, 2, 1, 2), -10.0)
+    teacher[:, 1] = 10.0  # teacher sure of class 1 everywhere
+    _, target = pseudo_targets(sample, teacher, teacher_mix=0.6)
+    assert target.tolist() == [[[1, 1]]]
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_training_learns_a_trivial_mapping(tmp_path):
+    images, cams, _ = colour_block_data(96, seed=0)
+    cfg = fast_config(epochs=3, batch_size=8)
+    lines: list[str] = []
+    model_path = train_segmenter(TinyBackbone(), make_dataset(images, cams), 3, cfg, tmp_path, log_fn=lines.append)
+    assert model_path == tmp_path / "model.pt" and (tmp_path / "last.pt").exists()
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert float(rows[-1]["ce"]) < float(rows[0]["ce"])
+    assert len([l for l in lines if l.startswith("epoch")]) == 3
+
+    test_images, _, test_labels = colour_block_data(16, seed=1)
+    model = load_segmenter(TinyBackbone(), model_path)
+    x = torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255
+    logits = predict_logits(model, x)
+    assert logits.shape == (16, 3, 8, 8) and logits.dtype == torch.float32
+    accuracy = (logits.argmax(1).numpy() == test_labels).mean()
+    assert accuracy > 0.8, accuracy  # chance is 1/3
+
+
+def test_resume_equals_straight_run_and_schedule(tmp_path):
+    images, cams, _ = colour_block_data(24, seed=2)
+    ds = make_dataset(images, cams)
+    # bootstrapping from epoch 1 with a teacher update every epoch; photometric aug on
+    cfg = dict(bootstrap=True, bootstrap_start=1, teacher_interval=1, jitter_p=0.5, grayscale_p=0.3,
+               blur_p=0.3, decoder_dropout=0.1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    log_a: list[str] = []
+    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=3, **cfg), straight, log_fn=log_a.append)
+
+    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=2, **cfg), resumed, log_fn=lambda s: None)
+    after_two = torch.load(resumed / "last.pt", weights_only=True)
+    assert after_two["epoch"] == 2
+    log_b: list[str] = []
+    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=3, **cfg), resumed, log_fn=log_b.append)
+    assert any(l.startswith("resuming") for l in log_b)
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    for part in ("student", "teacher", "initial"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    # epoch 2 started with teacher <- student (as trained up to epoch 1), student <- initial
+    for k in after_two["student"]:
+        assert torch.equal(b["teacher"][k], after_two["student"][k])
+    assert [l.split(":")[0] for l in log_a if "teacher <- student" in l] == ["epoch 1", "epoch 2"]
+    rows = list(csv.DictReader(open(resumed / "train_log.csv")))
+    assert [int(r["teacher_update"]) for r in rows] == [0, 1, 1]
+    assert [float(r["alpha"]) for r in rows] == pytest.approx([0.0, 0.03, 0.03])
+    assert float(rows[1]["peer"]) > 0
+    # model.pt = the student (what the reference evaluates)
+    m = torch.load(resumed / "model.pt", weights_only=True)
+    assert m["which"] == "student"
+    for k in m["decoder"]:
+        assert torch.equal(m["decoder"][k], b["student"][k])
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    images, cams, _ = colour_block_data(8, seed=3)
+    ds = make_dataset(images, cams)
+    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=1), tmp_path, log_fn=lambda s: None)
+    with pytest.raises(InputError, match="lr"):
+        train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=2, lr=5e-4), tmp_path, log_fn=lambda s: None)
+    # already finished: nothing to train, model.pt rewritten
+    (tmp_path / "model.pt").unlink()
+    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=1, num_workers=0), tmp_path, log_fn=lambda s: None)
+    assert (tmp_path / "model.pt").exists()
