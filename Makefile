@@ -11,11 +11,12 @@ SETTING ?= demo
 DATA_ROOT ?=
 SET ?=
 
-.PHONY: install demo test test-fast bench-cam bench-features reproduce clean help
+.PHONY: install demo test test-fast bench-cam bench-features reproduce report clean help
 
 help:
 	@echo "make demo       run the whole pipeline on the synthetic demo (dvc repro)"
 	@echo "make test       run the test suite"
+	@echo "make report     static HTML report -> cache/report/index.html"
 	@echo "make bench-cam  batched vs per-concept CAM timing (prints cam_speedup=...)"
 	@echo "make reproduce SETTING=<name> DATA_ROOT=<path> [SET='key=value ...']"
 
@@ -37,11 +38,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(RUN) python -m pytest -q -ra -m "not slow"
 
+report: $(STAMP)
+	$(RUN) dvc repro report
+	@echo "report: cache/report/index.html"
+
 bench-cam: $(STAMP)
 	$(RUN) python benchmarks/bench_cam.py
 
 bench-features: $(STAMP)
 	$(RUN) python benchmarks/bench_features_memory.py
+
+# One named setting through DVC: writes its params.yaml, then `dvc exp run` (SET holds
+# extra overrides, `dvc exp show` compares the runs).
+reproduce: $(STAMP)
+	$(RUN) transfgu settings use $(SETTING) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
+	$(RUN) dvc exp run $(foreach s,$(SET),--set-param '$(s)')
+	$(RUN) dvc metrics show
 
 clean:
 	rm -rf cache data/synthetic

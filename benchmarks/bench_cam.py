@@ -4,20 +4,31 @@
     python benchmarks/bench_cam.py --arch vit_small_patch8_224 --image-size 320 --batch 2
 
 Backbones get random weights (no download); the timing does not depend on them.
-Checks both implementations give the same maps and prints ``cam_speedup=<ratio>`` last.
+Implementations timed (best of ``--repeats``, runs interleaved so that load from other
+processes hits them alike):
+
+* ``batched``   pipeline.cam.compute_cams: L-1 blocks without a graph, one vmapped
+                backward for all K concepts.
+* ``loop``      pipeline.cam.compute_cams_loop: per concept a full forward and a backward
+                to the last attention map (frozen weights, so nothing else is differentiated).
+* ``reference`` (``--reference``) what TransFGU's get_grad_mask costs: one forward recording
+                a graph through every block with trainable encoder weights, then per concept
+                ``loss.backward(retain_graph=True)`` into all parameters.
+
+Checks that the maps agree and prints ``cam_speedup=<loop / batched>`` as the last line.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import copy
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-from pipeline.backbones import create_backbone, list_backbones
-from pipeline.cam import compute_cams, compute_cams_loop
+from pipeline.backbones import Backbone, create_backbone, list_backbones
+from pipeline.cam import attention_gradient_cam, compute_cams, compute_cams_loop, concept_loss
 
 
 def _resolve_arch(arch: str) -> str:
@@ -28,14 +39,35 @@ def _resolve_arch(arch: str) -> str:
     sys.exit(f"unknown --arch {arch!r}; choose from {', '.join(names)}")
 
 
-def _time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeats`` wall time in seconds, and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+def reference_cams(backbone: Backbone, images: torch.Tensor, centroids: torch.Tensor, mass: float = 0.8) -> torch.Tensor:
+    """TransFGU's procedure and cost: graph through all blocks, K full backward passes.
+
+    ``backbone`` must have trainable parameters (a copy of a frozen one with
+    ``requires_grad_(True)``), as the reference encoder had.
+    """
+    B, _, H, W = images.shape
+    h, w = backbone.grid(H, W)
+    with torch.enable_grad():
+        inp = backbone.last_block_inputs(backbone.forward_tokens_before_last(images))
+        attn = backbone.last_block_attention(inp)
+        attn.retain_grad()
+        embedding = backbone.last_block_from_attention(inp, attn)[:, 0]
+        attn_cls = attn.detach().mean(1)[:, 0, 1:].reshape(B, h, w)
+        cams = []
+        for centroid in centroids:
+            backbone.zero_grad(set_to_none=True)
+            attn.grad = None
+            concept_loss(embedding, centroid[None]).sum().backward(retain_graph=True)
+            g = attn.grad.mean(1)[:, 0, 1:].reshape(B, 1, h, w)
+            cams.append(attention_gradient_cam(attn_cls, g, mass))
+    backbone.zero_grad(set_to_none=True)
+    return torch.cat(cams, dim=1)
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--k", type=int, default=27, help="number of concepts")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per implementation; best is kept")
+    parser.add_argument("--reference", action="store_true", help="also time the reference's procedure (ViT only)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -59,18 +92,34 @@ def main(argv: list[str] | None = None) -> None:
     h, w = backbone.grid(args.image_size, args.image_size)
     print(
         f"backbone={name} (random weights) image={args.image_size} grid={h}x{w} batch={args.batch} "
-        f"K={args.k} threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"K={args.k} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}"
     )
 
-    compute_cams(backbone, images[:1], centroids[:2])  # warm-up: allocator, kernels
-    t_batched, batched = _time(lambda: compute_cams(backbone, images, centroids), max(args.repeats, 3))
-    print(f"batched: {t_batched:.3f} s ({t_batched / args.batch:.3f} s/image)")
-    t_loop, loop = _time(lambda: compute_cams_loop(backbone, images, centroids), args.repeats)
-    print(f"loop:    {t_loop:.3f} s ({t_loop / args.batch:.3f} s/image, {t_loop / args.k:.3f} s/concept)")
+    runs: dict[str, Callable[[], torch.Tensor]] = {
+        "batched": lambda: compute_cams(backbone, images, centroids),
+        "loop": lambda: compute_cams_loop(backbone, images, centroids),
+    }
+    if args.reference and backbone.has_attention:
+        trainable = copy.deepcopy(backbone).requires_grad_(True)
+        runs["reference"] = lambda: reference_cams(trainable, images, centroids)
 
-    diff = (batched - loop).abs().max().item()
-    print(f"max_abs_diff={diff:.3e} identical={diff <= 1e-5} cam_range=[{batched.min():.3g}, {batched.max():.3g}]")
-    print(f"cam_speedup={t_loop / t_batched:.1f}")
+    compute_cams(backbone, images[:1], centroids[:2])  # warm-up: allocator, kernel selection
+    best: dict[str, float] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for _ in range(max(args.repeats, 1)):
+        for key, fn in runs.items():
+            seconds, outputs[key] = _timed(fn)
+            best[key] = min(best.get(key, float("inf")), seconds)
+
+    for key, seconds in best.items():
+        print(f"{key + ':':11s}{seconds:8.3f} s  ({seconds / args.batch:.3f} s/image, {seconds / args.k:.3f} s/concept)")
+    for key in runs:
+        if key != "batched":
+            diff = (outputs["batched"] - outputs[key]).abs().max().item()
+            print(f"max_abs_diff(batched, {key})={diff:.3e} identical={diff <= 1e-5}")
+    if "reference" in best:
+        print(f"reference_speedup={best['reference'] / best['batched']:.1f}")
+    print(f"cam_speedup={best['loop'] / best['batched']:.1f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pipeline.backbones import Backbone
 
 __all__ = [
     "add_background_channel",
+    "attention_gradient_cam",
     "cams_to_labels",
     "compute_cams",
     "compute_cams_loop",
@@ -142,8 +143,11 @@ def top_mass_mask(values: Tensor, mass: float) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-def _attention_gradient_cam(attn_cls: Tensor, grad: Tensor, mass: float) -> Tensor:
-    """[CLS]->patch attention (B, h, w) and gradients g (B, K, h, w) -> CAMs (B, K, h, w)."""
+def attention_gradient_cam(attn_cls: Tensor, grad: Tensor, mass: float) -> Tensor:
+    """[CLS]->patch attention (B, h, w) and gradients g (B, K, h, w) -> CAMs (B, K, h, w).
+
+    ``attn / max(attn) + relu(-g) * top_mass_mask(relu(-g))``, set to 0 where g > 0.
+    """
     B, K, h, w = grad.shape
     attn_vis = attn_cls / attn_cls.flatten(1).amax(dim=1).view(B, 1, 1)
     neg = (-grad).clamp_min(0)
@@ -170,7 +174,7 @@ def _vit_cams_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: 
             (grad,) = torch.autograd.grad(loss, attn)
         g = grad.mean(1)[:, 0, 1:].reshape(B, 1, h, w)
         attn_cls = attn.detach().mean(1)[:, 0, 1:].reshape(B, h, w)
-        cams.append(_attention_gradient_cam(attn_cls, g, mass))
+        cams.append(attention_gradient_cam(attn_cls, g, mass))
     return torch.cat(cams, dim=1).float()
 
 
@@ -191,7 +195,7 @@ def _vit_cams(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float
     K = centroids.shape[0]
     g = grads.mean(2)[:, :, 0, 1:].reshape(K, B, h, w).transpose(0, 1)
     attn_cls = attn.detach().mean(1)[:, 0, 1:].reshape(B, h, w)
-    return _attention_gradient_cam(attn_cls, g, mass).float()
+    return attention_gradient_cam(attn_cls, g, mass).float()
 
 
 # --------------------------------------------------------------------------- CNN: Grad-CAM

@@ -45,6 +45,10 @@ def _stage_command(name: str) -> click.Command:
 for _name in list_jobs():
     main.add_command(_stage_command(_name))
 
+from pipeline.inspection import inspect_group  # noqa: E402  (after the stage commands: help order)
+
+main.add_command(inspect_group)
+
 
 @main.command("backbones")
 def backbones_command() -> None:
@@ -71,6 +75,47 @@ def protocols_command() -> None:
 
     for name in list_protocols():
         click.echo(f"{name:10s} {get_protocol(name).description}")
+
+
+@main.group("settings", invoke_without_command=True)
+@click.pass_context
+def settings_group(ctx: click.Context) -> None:
+    """List the named settings (one per paper row, plus camvid and demo)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.settings import list_settings
+
+    click.echo(f"{'setting':13s} {'dataset':13s} {'classes':>7s} {'K':>9s} {'size':>8s} {'epochs':>6s} "
+               f"{'lr':>7s} {'backbone':27s} paper mIoU / acc")
+    for setting in list_settings():
+        p = setting.params()
+        k = "+".join(str(v) for v in p["concepts"]["k"].values()) + ("+bg" if p["pseudolabels"]["background"] else "")
+        size = "x".join(str(v) for v in p["features"]["image_size"])
+        click.echo(f"{setting.name:13s} {p['data']['dataset']:13s} {_num_classes(p['data']['dataset']):>7s} "
+                   f"{k:>9s} {size:>8s} {p['train']['epochs']:>6d} {p['train']['lr']:>7.0e} "
+                   f"{p['backbone']['name']:27s} {setting.paper or '-'}")
+
+
+def _num_classes(dataset: str) -> str:
+    from pipeline.data import get_reader
+
+    names = get_reader(dataset).class_names
+    return str(len(names)) if names else "?"  # the folder reader learns its classes from the data
+
+
+@settings_group.command("use")
+@click.argument("name")
+@click.option("--data-root", default=None, help="Dataset folder (data.root); default: the setting's.")
+@params_option
+def settings_use(name: str, data_root: str | None, params_path: str) -> None:
+    """Write setting NAME to params.yaml (then `dvc repro` or `dvc exp run`)."""
+    from pipeline.settings import get_setting, write_params
+
+    try:
+        get_setting(name)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    click.echo(f"wrote {write_params(name, params_path, data_root)} for setting '{name}'")
 
 
 def run() -> None:  # pragma: no cover - console entry for python -m

@@ -1,7 +1,7 @@
 """Evaluation: three rows scored the same way over the evaluation split.
 
 - `model`: the trained segmenter's predictions;
-- `pseudo_labels`: the CAMs alone (argmax of min-max normalised maps);
+- `pseudo_labels`: the CAMs alone (argmax of the min-max normalised maps, as stored);
 - `bottom_up`: k-means with the same number of clusters directly on the dense patch
   features (L2-normalised), fitted on the concept split: the bottom-up reference.
 
@@ -113,11 +113,12 @@ def label_in_protocol(label: np.ndarray, train: tuple[int, int], protocol: EvalP
 
 # ----------------------------------------------------------------------------- score sources
 def cam_scores(handle: h5py.File, index: int) -> torch.Tensor:
-    """Per-image min-max normalised CAMs (K, h, w): the pseudo labels as scores."""
+    """The stored CAMs of one image as scores (K, h, w), normalised as the hard pseudo
+    labels are (`pipeline.cam.cams_to_labels`), so their argmax is the pseudo label."""
+    from pipeline.cam import normalize_cams
+
     cam = torch.from_numpy(handle["cam"][index].astype(np.float32))
-    flat = cam.flatten(1)
-    low, high = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    return (cam - low) / (high - low).clamp_min(1e-12)
+    return normalize_cams(cam[None])[0]
 
 
 class BottomUp:

@@ -28,6 +28,7 @@ OUTPUTS = {
     "model": "model",
     "metrics": "metrics.json",
     "plots": "plots",
+    "report": "report",
 }
 
 
@@ -239,3 +240,12 @@ def evaluate(config: Config) -> None:
     write_json(plots / "matching.json", {name: row["matching"] for name, row in rows.items()})
     write_json(output(config, "metrics"), metrics)
     log(f"evaluate: wrote {output(config, 'metrics')} and {plots}/ ({json.dumps({n: round(r['miou'], 2) for n, r in rows.items()})})")
+
+
+@job("report", "Write the static HTML report cache/report/index.html (metrics, IoU bars, confusion, "
+               "training curves, concept galleries, sample overlays).")
+def report(config: Config) -> None:
+    from pipeline.report import ReportOptions, build_report
+
+    build_report(config.cache_dir, output(config, "report"), ReportOptions(eval_split=config.data.eval_split),
+                 weights=config.backbone.weights or None)

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.data.images import IGNORE_INDEX, IMAGE_EXTENSIONS, read_label_array, read_size
 from pipeline.data.manifest import ImageRecord, Manifest
+from pipeline.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from pipeline.errors import InputError
 
 LISTS_DIR = Path(__file__).resolve().parent / "lists"
@@ -145,6 +146,7 @@ class DatasetReader(ABC):
 
     name: str = ""
     description: str = ""
+    class_names: list[str] | None = None    # fixed class list, when the reader has one
 
     @property
     @abstractmethod
@@ -352,6 +354,7 @@ class SyntheticReader(DatasetReader):
     """The output folder of :func:`pipeline.data.generate_synthetic`."""
 
     description = "generated demo scenes: images/, labels/, classes.txt, <split>.txt"
+    class_names = list(SYNTHETIC_CLASS_NAMES)
 
     @cached_property
     def decoder(self) -> LabelDecoder:
@@ -382,6 +385,7 @@ class CamVidReader(DatasetReader):
     the SegNet tutorial name files as ``/SegNet/CamVid/train/x.png``; only the last two
     path components (folder and file) are used, so both that form and relative paths work.
     """
+    class_names = list(CAMVID_CLASSES)
 
     description = "CamVid 11 classes (SegNet layout)"
 
@@ -662,6 +666,7 @@ CITYSCAPES27_CLASSES = ["road", "sidewalk", "parking", "rail track", "building",
 class CityscapesReader(DatasetReader):
     """Cityscapes fine annotations: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
     ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; labelIds 7..33 -> 27 classes, 0..6 void."""
+    class_names = list(CITYSCAPES27_CLASSES)
 
     description = "Cityscapes, 27 classes (labelIds 7..33)"
 
@@ -717,6 +722,7 @@ class VocReader(DatasetReader):
     ``root`` may be the ``VOC2012`` folder, ``VOCdevkit`` or the folder holding ``VOCdevkit``.
     Colour-coded RGB label files (the VOC palette rendered) are decoded too.
     """
+    class_names = list(VOC21_CLASSES)
 
     description = "Pascal VOC 2012, 20 classes + background"
 

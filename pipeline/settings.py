@@ -1,0 +1,156 @@
+"""Named settings: one per paper row, plus `camvid` and `demo`, each a complete params.yaml.
+
+A setting is the paper's defaults (`PAPER`, COCO-Stuff-27 as in method.md) with its
+own overrides. `transfgu settings use NAME` writes it to params.yaml; the committed
+params.yaml is the `demo` setting (a test keeps the two equal), so there is one
+source for every number.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# The paper's hyperparameters (method.md); every setting starts from these.
+PAPER: dict = {
+    "setting": "cocostuff27",
+    "synthetic": {"out": "data/synthetic", "n_train": 160, "n_val": 40, "size": [224, 224], "seed": 0},
+    "data": {"dataset": "cocostuff27", "root": "data/cocostuff", "options": {},
+             "train_split": "train", "eval_split": "val"},
+    "backbone": {"name": "vit_small_patch8_224.dino", "weights": "", "batch_size": 32, "device": "auto"},
+    "features": {"image_size": [320, 320], "concept_scale": 2.0, "crop_fractions": [0.5, 0.4, 0.3, 0.2],
+                 "crop_stride": 0.5, "crop_size": 320, "pools": ["thing", "stuff"],
+                 "thing_fraction": 0.5, "stuff_fraction": 0.8, "chunk_images": 256},
+    "concepts": {"k": {"thing": 12, "stuff": 15}, "iterations": 100, "restarts": 1, "seed": 0,
+                 "max_points_per_centroid": 256, "normalize": False},
+    "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32},
+    "train": {"epochs": 200, "lr": 1.0e-4, "batch_size": 256, "bootstrap_start": 2, "teacher_interval": 2,
+              "num_workers": 8},
+    "evaluate": {"protocol": "reference", "batch_size": 64, "bottom_up_seed": 0},
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    description: str
+    overrides: dict = field(default_factory=dict)
+    paper: str = ""                    # published mIoU / pixel accuracy (method.md), "" when none
+
+    def params(self, data_root: str | None = None) -> dict:
+        params = _merge(copy.deepcopy(PAPER), self.overrides)
+        params["setting"] = self.name
+        if data_root:
+            params["data"]["root"] = str(data_root)
+        return params
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """Nested update; a mapping under `concepts.k` or `data.options` replaces rather than merges,
+    since its keys are the choice itself (the pools, the reader's options)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in ("k", "options"):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+_SETTINGS: dict[str, Setting] = {}
+
+
+def register_setting(setting: Setting) -> Setting:
+    _SETTINGS[setting.name] = setting
+    return setting
+
+
+def get_setting(name: str) -> Setting:
+    if name not in _SETTINGS:
+        raise KeyError(f"unknown setting '{name}'; settings: {', '.join(_SETTINGS)}")
+    return _SETTINGS[name]
+
+
+def list_settings() -> list[Setting]:
+    return list(_SETTINGS.values())
+
+
+def write_params(name: str, path: str | Path = "params.yaml", data_root: str | None = None) -> Path:
+    """params.yaml for a setting, with a header saying where it came from."""
+    setting = get_setting(name)
+    path = Path(path)
+    header = (f"# Setting '{name}': {setting.description}\n"
+              f"# Written by `transfgu settings use {name}` from pipeline/settings.py; edit either,\n"
+              f"# or override single keys with `transfgu <stage> --set key=value` / `dvc exp run -S key=value`.\n")
+    text = header + yaml.safe_dump(setting.params(data_root), sort_keys=False, default_flow_style=None, width=100)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- CPU settings
+register_setting(Setting(
+    "demo", "synthetic scenes, offline EfficientNet-Lite0, sized for 2 CPU cores (~5 min)",
+    {
+        "data": {"dataset": "synthetic", "root": "data/synthetic"},
+        "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
+        "features": {"image_size": [224, 224], "concept_scale": 1.0, "crop_fractions": [0.5, 0.3],
+                     "crop_size": 96, "chunk_images": 32},
+        "concepts": {"k": {"thing": 3, "stuff": 4}},
+        "pseudolabels": {"batch_size": 16},
+        "train": {"epochs": 12, "lr": 1.0e-4, "batch_size": 16, "bootstrap_start": 4, "teacher_interval": 4,
+                  "num_workers": 2},
+        "evaluate": {"batch_size": 16},
+    }))
+
+register_setting(Setting(
+    "camvid", "CamVid 11 classes (SegNet layout), offline EfficientNet-Lite0, sized for 2 CPU cores",
+    {
+        "data": {"dataset": "camvid", "root": "../shared/data/camvid"},
+        "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
+        "features": {"image_size": [240, 320], "concept_scale": 2.0, "crop_fractions": [0.5, 0.4, 0.3],
+                     "crop_size": 96, "pools": ["all"], "chunk_images": 32},
+        "concepts": {"k": {"all": 11}},
+        "pseudolabels": {"batch_size": 16},
+        "train": {"epochs": 30, "lr": 1.0e-4, "batch_size": 16, "bootstrap_start": 10, "teacher_interval": 10,
+                  "num_workers": 2},
+        "evaluate": {"batch_size": 16},
+    }))
+
+# ----------------------------------------------------------------------------- the paper's rows
+register_setting(Setting("cocostuff27", "COCO-Stuff 27 classes, 12 thing + 15 stuff concepts", {},
+                         "16.19 / 44.52"))
+register_setting(Setting(
+    "cocostuff171", "COCO-Stuff 171 classes, 80 thing + 91 stuff concepts",
+    {"data": {"dataset": "cocostuff171"}, "concepts": {"k": {"thing": 80, "stuff": 91}},
+     "train": {"teacher_interval": [3, 3, 3, 2], "bootstrap_start": 3}}, "11.93 / 34.32"))
+register_setting(Setting(
+    "coco80", "COCO 80 things + background (thing crops only, background channel)",
+    {"data": {"dataset": "coco80"}, "features": {"pools": ["thing"]}, "concepts": {"k": {"thing": 80}},
+     "pseudolabels": {"background": True}}, "12.69 / 64.31"))
+register_setting(Setting(
+    "cityscapes27", "Cityscapes 27 classes, one pool of all windows (306 per image)",
+    {"data": {"dataset": "cityscapes27", "root": "data/cityscapes"},
+     "features": {"image_size": [320, 640], "pools": ["all"]}, "concepts": {"k": {"all": 27}},
+     "train": {"epochs": 50, "lr": 5.0e-5, "teacher_interval": 1, "bootstrap_start": 1}}, "16.83 / 77.92"))
+register_setting(Setting(
+    "voc21", "Pascal VOC 2012, 20 classes + background (foreground crops only)",
+    {"data": {"dataset": "voc21", "root": "data/VOCdevkit/VOC2012"},
+     "features": {"crop_fractions": [0.6, 0.5, 0.4, 0.3], "pools": ["thing"]},
+     "concepts": {"k": {"thing": 20}}, "pseudolabels": {"background": True},
+     "train": {"epochs": 100, "batch_size": 512, "bootstrap_start": 5,
+               "teacher_interval": [5, 5, 5, 5, 4, 4, 4, 4, 4, 3]}}, "37.15 / 83.59"))
+for _k, _size, _lr, _batch, _interval, _start, _paper in [
+    (5, [480, 240], 1.0e-4, 512, 2, 2, "25.16 / 65.76"),
+    (16, [480, 240], 2.0e-5, 512, 2, 2, "15.49 / 60.08"),
+    (19, [640, 320], 2.0e-5, 256, [3, 3, 3, 2], 3, "12.24 / 42.52"),
+]:
+    register_setting(Setting(
+        f"lip{_k}", f"LIP, {_k} part groups + background (one pool)",
+        {"data": {"dataset": f"lip{_k}", "root": "data/LIP"},
+         "features": {"image_size": _size, "pools": ["all"]}, "concepts": {"k": {"all": _k}},
+         "pseudolabels": {"background": True},
+         "train": {"epochs": 100, "lr": _lr, "batch_size": _batch, "teacher_interval": _interval,
+                   "bootstrap_start": _start}}, _paper))
