@@ -9,10 +9,13 @@ For concept c the loss is ``1 - cos(image embedding, centroid_c)``.
 * CNN backbones (``cam_method = "gradcam"``): Grad-CAM of the same loss on the dense map F,
   ``relu(sum_ch w_ch F_ch)`` with ``w_ch = spatial mean of -dL/dF_ch``.
 
+A is the attention *after* softmax (the reference retains the grad of the probabilities).
+
 :func:`compute_cams` gets all K concepts from one forward pass (the first L-1 blocks
 under ``no_grad``) and one batched vector-Jacobian product; :func:`compute_cams_loop`
-does one full forward and backward per concept like the reference code and is kept as
-the test oracle and benchmark baseline. Both return the same numbers.
+runs one full forward and one backward (to the full T x T map) per concept, the
+straightforward port of the reference's per-concept loop, kept as the test oracle and
+benchmark baseline. Both return the same numbers.
 
 Loss scale: each image's loss is its own (the batch is summed, not averaged), so a CAM
 does not depend on which images share its batch. The reference averaged over its batch
@@ -97,7 +100,9 @@ def compute_cams(
     """
     centroids = _check_inputs(backbone, images, centroids)
     batched, _ = _resolve(backbone)
-    return batched(backbone, images, centroids, mass, grad_scale)
+    # Callers may sit in no_grad / inference_mode; the few differentiable ops need autograd.
+    with torch.inference_mode(False):
+        return batched(backbone, images, centroids, mass, grad_scale)
 
 
 def compute_cams_loop(
@@ -106,7 +111,8 @@ def compute_cams_loop(
     """Same result as :func:`compute_cams`, one full forward + backward per concept (slow)."""
     centroids = _check_inputs(backbone, images, centroids)
     _, loop = _resolve(backbone)
-    return loop(backbone, images, centroids, mass, grad_scale)
+    with torch.inference_mode(False):
+        return loop(backbone, images, centroids, mass, grad_scale)
 
 
 # --------------------------------------------------------------------------- shared pieces

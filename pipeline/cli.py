@@ -26,7 +26,8 @@ def main() -> None:
     """TransFGU: top-down unsupervised semantic segmentation as a staged, cached pipeline.
 
     Stages, in order: synthesize (demo data), prepare, features, concepts,
-    pseudolabels, train, evaluate. `dvc repro` runs them all with caching.
+    pseudolabels, train, evaluate, report. `dvc repro` runs them all with
+    caching; `transfgu settings` lists the named configurations.
     """
 
 

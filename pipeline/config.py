@@ -78,7 +78,8 @@ class PseudoLabelsConfig:
 
 @dataclass
 class EvaluateConfig:
-    protocol: str = "reference"         # reference | native | stego
+    protocol: str = "reference"         # reference | native | stego (`transfgu protocols`)
+    crf: bool = False                   # dense-CRF refinement of the model row (needs the [crf] extra)
     batch_size: int = 16
     bottom_up_seed: int = 0
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.data import Manifest, load_label
+from pipeline.data import Manifest, load_image, load_label
 from pipeline.metrics import SegmentationMetrics
 from pipeline.runtime import log, progress
 
@@ -96,12 +96,40 @@ def _resize_label_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarra
 
 
 def score_to_prediction(scores: torch.Tensor, native: tuple[int, int], train: tuple[int, int],
-                        protocol: EvalProtocol) -> np.ndarray:
-    """Scores (K, h, w) -> predicted cluster ids in the protocol's geometry."""
+                        protocol: EvalProtocol, image: np.ndarray | None = None) -> np.ndarray:
+    """Scores (K, h, w) -> predicted cluster ids in the protocol's geometry.
+
+    With `image` (the native (H, W, 3) uint8 image), the scores are read as logits and
+    refined by a dense CRF on that image in the same geometry before the argmax.
+    """
     size = protocol.target_size(native, train)
     up = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     y0, x0, y1, x1 = protocol.crop(size)
-    return up[:, y0:y1, x0:x1].argmax(0).numpy()
+    up = up[:, y0:y1, x0:x1]
+    if image is not None:
+        from pipeline.data import resize_image
+
+        return dense_crf(resize_image(image, size)[y0:y1, x0:x1], up.softmax(0).numpy()).argmax(0)
+    return up.argmax(0).numpy()
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10) -> np.ndarray:
+    """Fully connected CRF (Kraehenbuehl & Koltun) over probs (K, H, W) on image (H, W, 3) uint8.
+
+    STEGO's parameters: Gaussian kernel (sxy 1, weight 3), bilateral kernel (sxy 67,
+    srgb 3, weight 4), 10 mean-field iterations. Needs `pip install -e '.[crf]'` (pydensecrf2).
+    """
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as exc:
+        raise RuntimeError("evaluate.crf needs pydensecrf2: pip install -e '.[crf]'") from exc
+    k, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, k)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
+    crf.addPairwiseGaussian(sxy=1, compat=3)
+    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
+    return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(k, h, w)
 
 
 def label_in_protocol(label: np.ndarray, train: tuple[int, int], protocol: EvalProtocol) -> np.ndarray:
@@ -154,8 +182,11 @@ class BottomUp:
 # ----------------------------------------------------------------------------- scoring
 def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str, Callable[[int], torch.Tensor]],
                   num_clusters: dict[str, int], *, train_size: tuple[int, int], protocol: str,
-                  show_progress: bool = True) -> dict:
-    """Score every source (name -> index -> scores (K, h, w)) over the images of eval_indices."""
+                  crf: frozenset[str] = frozenset(), show_progress: bool = True) -> dict:
+    """Score every source (name -> index -> scores (K, h, w)) over the images of eval_indices.
+
+    Sources named in `crf` are refined with a dense CRF on the image before the argmax.
+    """
     proto = get_protocol(protocol)
     num_classes = len(manifest.class_names)
     meters = {name: SegmentationMetrics(num_classes, num_clusters[name], ignore_index=manifest.ignore_index)
@@ -167,8 +198,10 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
         label = load_label(manifest.resolve(record.label), manifest.dataset, num_classes,
                            expect_size=(record.height, record.width))
         target = label_in_protocol(label, train_size, proto)
+        image = load_image(manifest.resolve(record.image)) if crf else None
         for name, source in sources.items():
-            pred = score_to_prediction(source(i), (record.height, record.width), train_size, proto)
+            pred = score_to_prediction(source(i), (record.height, record.width), train_size, proto,
+                                       image if name in crf else None)
             meters[name].update(pred, target)
     rows = {}
     for name, meter in meters.items():
@@ -176,7 +209,7 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
         result["per_class_iou"] = dict(zip(manifest.class_names, result["per_class_iou"]))
         rows[name] = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                       "per_class_iou": result["per_class_iou"], "num_clusters": num_clusters[name],
-                      "protocol": proto.name, "matching": result["matching"],
+                      "protocol": proto.name + ("+crf" if name in crf else ""), "matching": result["matching"],
                       "confusion": result["confusion"]}
         log(f"evaluate: {name:14s} mIoU {result['miou']:6.2f}  pixel accuracy {result['pixel_accuracy']:6.2f}")
     return rows

@@ -228,10 +228,11 @@ def evaluate(config: Config) -> None:
         }
         clusters = {"model": int(next(iter(model_scores.values())).shape[0]), "pseudo_labels": k, "bottom_up": k}
         rows = evaluate_rows(manifest, eval_indices, sources, clusters, train_size=size,
-                             protocol=config.evaluate.protocol)
+                             protocol=config.evaluate.protocol,
+                             crf=frozenset({"model"} if config.evaluate.crf else ()))
     metrics = {name: {key: row[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "num_clusters",
                                                    "protocol")} for name, row in rows.items()}
-    metrics["evaluation"] = {"protocol": config.evaluate.protocol, "split": config.data.eval_split,
+    metrics["evaluation"] = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf, "split": config.data.eval_split,
                              "images": len(eval_indices), "dataset": manifest.dataset,
                              "model_selection": "last checkpoint (no labels used)"}
     plots = output(config, "plots")

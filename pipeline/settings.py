@@ -28,7 +28,7 @@ PAPER: dict = {
     "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32},
     "train": {"epochs": 200, "lr": 1.0e-4, "batch_size": 256, "bootstrap_start": 2, "teacher_interval": 2,
               "num_workers": 8},
-    "evaluate": {"protocol": "reference", "batch_size": 64, "bottom_up_seed": 0},
+    "evaluate": {"protocol": "reference", "crf": False, "batch_size": 64, "bottom_up_seed": 0},
 }
 
 

@@ -130,6 +130,17 @@ def test_cams_leave_no_graph_and_no_grads(vit_tiny: Backbone) -> None:
     assert all(p.grad is None for p in vit_tiny.parameters())
 
 
+def test_cams_work_inside_no_grad_and_inference_mode(vit_tiny: Backbone, lite0: Backbone) -> None:
+    for backbone in (vit_tiny, lite0):
+        images, centroids = _inputs(backbone, 1, 32, 32, 2)
+        want = compute_cams(backbone, images, centroids)
+        with torch.no_grad():
+            torch.testing.assert_close(compute_cams(backbone, images, centroids), want)
+        with torch.inference_mode():
+            images_inf, centroids_inf = images.clone(), centroids.clone()
+            torch.testing.assert_close(compute_cams(backbone, images_inf, centroids_inf), want)
+
+
 def test_wrong_centroid_dimension_is_rejected(vit_tiny: Backbone) -> None:
     images, _ = _inputs(vit_tiny, 1, 32, 32, 2)
     with pytest.raises(ValueError, match=r"centroids must be \(K, 96\)"):
