@@ -363,7 +363,7 @@ class Artifacts:
         import torch
 
         size = self.model_input_size()
-        x = torch.from_numpy(self.image(key, size)).permute(2, 0, 1)[None].float().div_(255.0)
+        x = torch.from_numpy(np.require(self.image(key, size), requirements=("C", "W"))).permute(2, 0, 1)[None].float().div_(255.0)
         with torch.no_grad():
             logits = self.segmenter(x.to(self.device))[0].float().cpu().numpy()
         return logits, logits.argmax(0)

@@ -20,7 +20,6 @@ differentiate the [CLS] embedding with respect to the last attention map only::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import math
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import InputError
+from pipeline.store import sha256_file
 
 __all__ = [
     "Backbone",
@@ -409,15 +409,6 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
 
 
 # --------------------------------------------------------------------------- weights I/O
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Wrappers seen in the wild: DINO full checkpoints ({"teacher", "student", ...}),

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import yaml
 
-# The paper's hyperparameters (method.md); every setting starts from these.
+from pipeline.train import TrainConfig
+
+# The paper's hyperparameters (method.md); every setting starts from these. Every key of
+# every section is present (DVC's --set-param only overrides keys that exist).
 PAPER: dict = {
     "setting": "cocostuff27",
     "synthetic": {"out": "data/synthetic", "n_train": 160, "n_val": 40, "size": [224, 224], "seed": 0},
@@ -26,8 +29,8 @@ PAPER: dict = {
     "concepts": {"k": {"thing": 12, "stuff": 15}, "iterations": 100, "restarts": 1, "seed": 0,
                  "max_points_per_centroid": 256, "normalize": False},
     "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32},
-    "train": {"epochs": 200, "lr": 1.0e-4, "batch_size": 256, "bootstrap_start": 2, "teacher_interval": 2,
-              "num_workers": 8},
+    # Every training constant, so that any of them can be set with `dvc exp run -S train.<key>=...`.
+    "train": {**TrainConfig().to_dict(), "num_workers": 8},
     "evaluate": {"protocol": "reference", "crf": False, "batch_size": 64, "bottom_up_seed": 0},
 }
 

@@ -251,7 +251,7 @@ class PseudoLabelDataset(Dataset):
         cam = np.asarray(self.read_cam(index), dtype=np.float32)
         if cam.ndim != 3:
             raise ValueError(f"cam {index}: expected (K, h, w), got {cam.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        image = torch.from_numpy(np.require(img, requirements=("C", "W"))).permute(2, 0, 1).float().div_(255.0)
         return image, torch.from_numpy(np.ascontiguousarray(cam)), index
 
 

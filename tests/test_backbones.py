@@ -26,16 +26,6 @@ DINO_NAMES = [
 
 
 @pytest.fixture(scope="module")
-def vit_tiny() -> Backbone:
-    return create_backbone("vit_tiny_random")
-
-
-@pytest.fixture(scope="module")
-def lite0() -> Backbone:
-    return create_backbone("efficientnet_lite0")
-
-
-@pytest.fixture(scope="module")
 def vit_s16_random() -> Backbone:
     return create_backbone("vit_small_patch16_224.dino", pretrained=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backbones import Backbone, create_backbone
+from pipeline.backbones import Backbone
 from pipeline.cam import (
     add_background_channel,
     cams_to_labels,
@@ -15,16 +15,6 @@ from pipeline.cam import (
     normalize_cams,
     top_mass_mask,
 )
-
-
-@pytest.fixture(scope="module")
-def vit_tiny() -> Backbone:
-    return create_backbone("vit_tiny_random")
-
-
-@pytest.fixture(scope="module")
-def lite0() -> Backbone:
-    return create_backbone("efficientnet_lite0")
 
 
 def _inputs(backbone: Backbone, b: int, h: int, w: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,9 +37,27 @@ def test_setting_is_a_valid_params_file(tmp_path, name):
     assert set(config.concepts.k) <= set(config.features.pools)   # every pool clustered is embedded
 
 
+@pytest.mark.parametrize("name", ["demo", "camvid", "cocostuff27"])
+def test_every_parameter_is_spelled_out(name):
+    """`dvc exp run --set-param` can only override keys that exist in params.yaml."""
+    import dataclasses
+
+    from pipeline.config import Config
+
+    params = get_setting(name).params()
+    for section in dataclasses.fields(Config):
+        if section.name in ("setting", "cache"):
+            continue
+        value = getattr(Config(), section.name)
+        expected = set(TrainConfig().to_dict()) if section.name == "train" else {
+            f.name for f in dataclasses.fields(value)}
+        assert set(params[section.name]) == expected, section.name
+
+
 def test_paper_hyperparameters_from_method_md():
     assert PAPER["backbone"]["name"] == "vit_small_patch8_224.dino"
     assert PAPER["features"]["crop_fractions"] == [0.5, 0.4, 0.3, 0.2]
+    assert PAPER["train"]["uncertainty_weight"] == 0.3 and PAPER["train"]["weight_decay"] == 5e-4
     assert get_setting("cityscapes27").params()["train"]["lr"] == 5e-5
     assert get_setting("cocostuff171").params()["train"]["teacher_interval"] == [3, 3, 3, 2]
     assert get_setting("voc21").params()["features"]["crop_fractions"] == [0.6, 0.5, 0.4, 0.3]

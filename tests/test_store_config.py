@@ -89,3 +89,17 @@ def test_feature_store_layout_and_lazy_dask(tmp_path):
 def test_missing_feature_store_says_what_to_run(tmp_path):
     with pytest.raises(InputError, match="run the features stage first"):
         open_features(tmp_path / "features.zarr")
+
+
+def test_stale_training_checkpoint_is_dropped_when_inputs_change(tmp_path):
+    from pipeline.jobs import _forget_stale_checkpoint
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    last = model_dir / "last.pt"
+    _forget_stale_checkpoint(model_dir, {"labels": "a"})
+    last.write_bytes(b"checkpoint")
+    _forget_stale_checkpoint(model_dir, {"labels": "a"})      # same inputs: resume from it
+    assert last.exists()
+    _forget_stale_checkpoint(model_dir, {"labels": "b"})      # new pseudo labels: start over
+    assert not last.exists()
