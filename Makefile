@@ -30,7 +30,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(RUN) dvc repro
-	$(RUN) dvc metrics show
+	$(RUN) transfgu metrics
+	@echo "all metrics: dvc metrics show; pictures: cache/report/index.html"
 
 test: $(STAMP)
 	$(RUN) python -m pytest -q -ra
@@ -53,7 +54,7 @@ bench-features: $(STAMP)
 reproduce: $(STAMP)
 	$(RUN) transfgu settings use $(SETTING) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 	$(RUN) dvc exp run $(foreach s,$(SET),--set-param '$(s)')
-	$(RUN) dvc metrics show
+	$(RUN) transfgu metrics
 
 clean:
 	rm -rf cache data/synthetic

@@ -69,6 +69,27 @@ def datasets_command() -> None:
         click.echo(name)
 
 
+@main.command("metrics")
+@click.option("--cache", "cache_dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+def metrics_command(cache_dir: str) -> None:
+    """The evaluation rows of cache/metrics.json as a short table (dvc metrics show has them all)."""
+    import json
+    from pathlib import Path
+
+    path = Path(cache_dir) / "metrics.json"
+    if not path.exists():
+        raise click.ClickException(f"{path}: not found; run the evaluate stage first (dvc repro)")
+    metrics = json.loads(path.read_text())
+    info = metrics.get("evaluation", {})
+    click.echo(f"{info.get('dataset', '?')} / {info.get('split', '?')} ({info.get('images', '?')} images), "
+               f"protocol {info.get('protocol', '?')}{' + CRF' if info.get('crf') else ''}")
+    click.echo(f"{'row':15s} {'mIoU':>7s} {'pixel acc.':>11s} {'clusters':>9s}")
+    for row in ("model", "pseudo_labels", "bottom_up"):
+        if row in metrics:
+            m = metrics[row]
+            click.echo(f"{row:15s} {m['miou']:7.2f} {m['pixel_accuracy']:11.2f} {m.get('num_clusters', '?'):>9}")
+
+
 @main.command("protocols")
 def protocols_command() -> None:
     """List the evaluation protocols `evaluate.protocol` can name."""
