@@ -8,6 +8,11 @@ several side fractions, each window is classed thing / stuff by its share of
 foreground, and the windows of the pools in use are resized to `crop_size` and
 embedded. Images are streamed in batches and written chunk by chunk, so memory does
 not grow with the dataset.
+
+The foreground mask comes from the saliency of the training-size forward pass,
+upsampled to the concept scale, rather than from a second forward pass at 2x: at
+640x640 a ViT-S/8 pass costs four times the training-size one, and the thresholded
+[CLS] attention is a coarse map either way.
 """
 from __future__ import annotations
 
