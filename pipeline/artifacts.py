@@ -362,8 +362,10 @@ class Artifacts:
         image at the training size; computed on demand (nothing is cached on disk)."""
         import torch
 
+        from pipeline.data import images_to_tensor
+
         size = self.model_input_size()
-        x = torch.from_numpy(np.require(self.image(key, size), requirements=("C", "W"))).permute(2, 0, 1)[None].float().div_(255.0)
+        x = images_to_tensor(self.image(key, size))
         with torch.no_grad():
             logits = self.segmenter(x.to(self.device))[0].float().cpu().numpy()
         return logits, logits.argmax(0)

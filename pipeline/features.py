@@ -28,7 +28,7 @@ from torchvision.ops import roi_align
 
 from pipeline.backbones import Backbone
 from pipeline.config import FeaturesConfig
-from pipeline.data import Manifest, load_image, resize_image
+from pipeline.data import Manifest, images_to_tensor, load_image, resize_image
 from pipeline.runtime import autocast, log, progress
 from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, commit, create_feature_store,
                             partial_path, shards)
@@ -113,10 +113,6 @@ def crop_slots(manifest: Manifest, crop_split: str) -> np.ndarray:
     return slots
 
 
-def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 @torch.no_grad()
 def embed_crops(backbone: Backbone, concept_images: torch.Tensor, boxes: torch.Tensor,
                 owners: torch.Tensor, crop_size: int, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -145,7 +141,7 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
         b1 = min(b0 + batch_size, stop)
         records = manifest.records[b0:b1]
         originals = [load_image(manifest.resolve(r.image)) for r in records]
-        images = _to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
+        images = images_to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
         with torch.no_grad(), autocast(device):
             out = backbone(images)
         root["patch"][b0:b1] = out.patch.float().cpu().numpy().astype(np.float16)
@@ -154,7 +150,7 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
 
         with_crops = [j for j in range(b1 - b0) if slots[b0 + j] >= 0]
         if with_crops and n_windows:
-            concept = _to_tensor([resize_image(originals[j], layout.concept_size) for j in with_crops]).to(device)
+            concept = images_to_tensor([resize_image(originals[j], layout.concept_size) for j in with_crops]).to(device)
             fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
             kinds, owners, boxes = [], [], []
             for local, j in enumerate(with_crops):

@@ -20,7 +20,7 @@ from pipeline.backbones import Backbone
 from pipeline.cam import add_background_channel, cams_to_labels, compute_cams
 from pipeline.concepts import Concepts
 from pipeline.config import PseudoLabelsConfig
-from pipeline.data import Manifest, load_image, resize_image
+from pipeline.data import Manifest, images_to_tensor, load_image, resize_image
 from pipeline.runtime import log, progress
 from pipeline.store import (check_provenance, commit, create_pseudolabel_file, partial_path,
                             read_h5_attrs)
@@ -29,7 +29,7 @@ from pipeline.store import (check_provenance, commit, create_pseudolabel_file, p
 def image_batch(manifest: Manifest, indices: range | list[int], size: tuple[int, int]) -> torch.Tensor:
     """Images of `indices` resized to `size`, as (B, 3, H, W) float in [0, 1]."""
     arrays = [resize_image(load_image(manifest.resolve(manifest.records[i].image)), size) for i in indices]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    return images_to_tensor(arrays)
 
 
 def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tensor,

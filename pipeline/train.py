@@ -31,7 +31,6 @@ import dataclasses
 import io
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.data.images import images_to_tensor
 from pipeline.errors import InputError, ProvenanceError
-from pipeline.runtime import autocast, resolve_device
+from pipeline.runtime import autocast, progress, resolve_device
 from pipeline.model import MaskTransformerDecoder, Segmenter
 
 __all__ = [
@@ -251,7 +251,7 @@ class PseudoLabelDataset(Dataset):
         cam = np.asarray(self.read_cam(index), dtype=np.float32)
         if cam.ndim != 3:
             raise ValueError(f"cam {index}: expected (K, h, w), got {cam.shape}")
-        image = torch.from_numpy(np.require(img, requirements=("C", "W"))).permute(2, 0, 1).float().div_(255.0)
+        image = images_to_tensor(img)[0]
         return image, torch.from_numpy(np.ascontiguousarray(cam)), index
 
 
@@ -533,19 +533,16 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 
 class _Progress:
-    """tqdm bar (img/s) on a terminal; one printed line per epoch otherwise."""
+    """Per-epoch bar (img/s, time left) on a terminal via `runtime.progress`; the epoch
+    summaries are printed either way, so logs get one line per epoch."""
 
     def __init__(self, enabled: bool, log_fn: Callable[[str], None] | None) -> None:
         self.enabled = enabled
         self.log_fn = log_fn
-        self.use_bar = enabled and sys.stderr.isatty()
         self.bar = None
 
     def start(self, epoch: int, epochs: int, total: int) -> None:
-        if self.use_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc=f"epoch {epoch + 1}/{epochs}", leave=True, dynamic_ncols=True)
+        self.bar = progress(total=total, desc=f"epoch {epoch + 1}/{epochs}", enabled=self.enabled)
 
     def step(self, n: int, loss: float) -> None:
         if self.bar is not None:
@@ -561,7 +558,7 @@ class _Progress:
         if self.log_fn is not None:
             self.log_fn(msg)
         elif self.enabled:
-            if self.bar is not None:
+            if self.bar is not None and not self.bar.disable:
                 self.bar.write(msg)
             else:
                 print(msg, flush=True)

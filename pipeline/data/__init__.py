@@ -7,6 +7,7 @@ uint8 class ids with 255 = ignore, sizes are ``(height, width)``, and input prob
 from pipeline.data.images import (
     IGNORE_INDEX,
     IMAGE_EXTENSIONS,
+    images_to_tensor,
     load_image,
     load_label,
     open_image,
@@ -44,6 +45,7 @@ __all__ = [
     "generate_synthetic",
     "get_label_decoder",
     "get_reader",
+    "images_to_tensor",
     "list_datasets",
     "load_image",
     "load_label",

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported only where tensors are made
+    import torch
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IGNORE_INDEX = 255
@@ -158,3 +162,15 @@ def resize_label(lbl: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return lbl.copy()
     out = Image.fromarray(lbl).resize((width, height), Image.Resampling.NEAREST)
     return np.asarray(out)
+
+
+def images_to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """uint8 images (H, W, 3), one or a list of equal size -> float32 (B, 3, H, W) in [0, 1],
+    the layout every backbone takes."""
+    import torch
+
+    batch = np.stack(images) if isinstance(images, list) else np.asarray(images)
+    if batch.ndim == 3:
+        batch = batch[None]
+    # np.require: PIL-backed arrays are read-only, which torch.from_numpy warns about
+    return torch.from_numpy(np.require(batch, requirements=("C", "W"))).permute(0, 3, 1, 2).float().div_(255.0)
