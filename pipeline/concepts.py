@@ -8,6 +8,7 @@ then assigned, streamed from the store chunk by chunk.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,8 +68,6 @@ class Concepts:
         npz_path = folder / "concepts.npz"
         if not npz_path.exists():
             raise InputError(npz_path, "concepts not found; run the concepts stage first")
-        import json
-
         meta = json.loads((folder / "concepts.json").read_text())
         with np.load(npz_path) as data:
             return cls(data["centroids"], [str(p) for p in data["pools"]], data["sizes"],

@@ -17,7 +17,7 @@ upsampled to the concept scale, rather than from a second forward pass at 2x: at
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.data import Manifest, images_to_tensor, load_image, resize_image
 from pipeline.runtime import autocast, log, progress
 from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, commit, create_feature_store,
-                            partial_path, shards)
+                            fingerprint, partial_path, shards)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -189,10 +189,6 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
     logged, so a rerun after an interruption continues where it stopped (if it was
     made with the same backbone and params), and `out` appears only when complete.
     """
-    from dataclasses import asdict
-
-    from pipeline.store import fingerprint
-
     out = Path(out)
     layout = FeatureLayout.from_config(cfg, backbone)
     slots = crop_slots(manifest, crop_split)
@@ -219,7 +215,8 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
             existing = zarr.open_group(str(partial), mode="r+")
             check_provenance(partial, dict(existing.attrs), attrs)
             root = existing
-        except Exception:  # another config or a broken store: start over
+        except Exception as exc:  # another configuration or a broken store: start over
+            log(f"features: not resuming {partial} ({str(exc).splitlines()[0]}); starting over")
             root = None
     if root is None:
         log_dir.clear()

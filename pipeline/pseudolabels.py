@@ -60,7 +60,8 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
                 check_provenance(partial, read_h5_attrs(handle), attrs)
                 if handle["cam"].shape != (len(ids), k, *grid):
                     raise ValueError("shape changed")
-        except Exception:  # another configuration or a broken file: start over
+        except Exception as exc:  # another configuration or a broken file: start over
+            log(f"pseudolabels: not resuming {partial} ({str(exc).splitlines()[0]}); starting over")
             partial.unlink()
     if not partial.exists():
         create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs)
