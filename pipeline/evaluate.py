@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import faiss
 import h5py
@@ -215,17 +215,38 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
     return rows
 
 
-def batched_model_scores(model: torch.nn.Module, images_of: Callable[[list[int]], torch.Tensor],
-                         indices: list[int], batch_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, logits (K, h, w)) for every index, running the model in batches."""
-    from pipeline.runtime import autocast
+class ModelScores:
+    """`scores(index) -> logits (K, h, w)` of the model, computed a batch at a time.
 
-    model.to(device).eval()
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start:start + batch_size]
-        with torch.no_grad(), autocast(device):
-            logits = model(images_of(batch).to(device)).float().cpu()
-        yield from zip(batch, logits)
+    Asked in the order of `indices` (as `evaluate_rows` does), each batch runs once and
+    only one batch is held, so memory stays flat over any split size (171 classes on
+    5,000 COCO images would be 5 GB of logits at once).
+    """
+
+    def __init__(self, model: torch.nn.Module, images_of: Callable[[list[int]], torch.Tensor],
+                 indices: list[int], batch_size: int, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.images_of = images_of
+        self.indices = list(indices)
+        self.position = {index: pos for pos, index in enumerate(self.indices)}
+        self.batch_size = batch_size
+        self.device = device
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, index: int) -> torch.Tensor:
+        if index not in self._cache:
+            from pipeline.runtime import autocast
+
+            start = self.position[index]
+            batch = self.indices[start:start + self.batch_size]
+            with torch.no_grad(), autocast(self.device):
+                logits = self.model(self.images_of(batch).to(self.device)).float().cpu()
+            self._cache = dict(zip(batch, logits))
+        return self._cache[index]
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self(self.indices[0]).shape[0])
 
 
 def plot_confusion(row: dict, class_names: list[str], path: str | Path, title: str) -> Path:

@@ -202,7 +202,7 @@ def train(config: Config) -> None:
 
 @job("evaluate", "Score the model, the pseudo labels and the bottom-up baseline on the evaluation split.")
 def evaluate(config: Config) -> None:
-    from pipeline.evaluate import BottomUp, batched_model_scores, cam_scores, evaluate_rows, plot_confusion
+    from pipeline.evaluate import BottomUp, ModelScores, cam_scores, evaluate_rows, plot_confusion
     from pipeline.pseudolabels import image_batch
     from pipeline.store import open_features, open_pseudolabels, read_h5_attrs, write_json
     from pipeline.train import load_segmenter
@@ -215,18 +215,18 @@ def evaluate(config: Config) -> None:
     train_indices = np.asarray(_split_indices(manifest, config.data.train_split))
 
     model = load_segmenter(backbone, output(config, "model") / "model.pt")
-    model_scores = dict(batched_model_scores(model, lambda b: image_batch(manifest, b, size), eval_indices,
-                                             config.evaluate.batch_size, device))
+    model_scores = ModelScores(model, lambda b: image_batch(manifest, b, size), eval_indices,
+                               config.evaluate.batch_size, device)
     store = open_features(output(config, "features"), expected=_feature_expectation(config))
     with open_pseudolabels(output(config, "pseudolabels")) as handle:
         k = int(read_h5_attrs(handle)["num_concepts"])
         bottom_up = BottomUp(store, train_indices, k, seed=config.evaluate.bottom_up_seed)
         sources = {
-            "model": lambda i: model_scores[i],
+            "model": model_scores,
             "pseudo_labels": lambda i: cam_scores(handle, i),
             "bottom_up": lambda i: bottom_up.scores(store["patch"][i]),
         }
-        clusters = {"model": int(next(iter(model_scores.values())).shape[0]), "pseudo_labels": k, "bottom_up": k}
+        clusters = {"model": model_scores.num_clusters, "pseudo_labels": k, "bottom_up": k}
         rows = evaluate_rows(manifest, eval_indices, sources, clusters, train_size=size,
                              protocol=config.evaluate.protocol,
                              crf=frozenset({"model"} if config.evaluate.crf else ()))

@@ -65,3 +65,24 @@ def test_dense_crf_snaps_a_blurry_boundary_to_the_image_edge():
     assert (probs.argmax(0)[:, 20:23] == 0).all()           # without the CRF the boundary is off
     refined = dense_crf(image, probs).argmax(0)
     assert (refined[:, :20] == 0).all() and (refined[:, 20:] == 1).all()
+
+
+def test_model_scores_run_each_batch_once_and_hold_one():
+    from pipeline.evaluate import ModelScores
+
+    calls = []
+
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :2] * 2
+
+    def images_of(batch):
+        calls.append(list(batch))
+        return torch.stack([torch.full((3, 2, 2), float(i)) for i in batch])
+
+    scores = ModelScores(Doubler(), images_of, [5, 7, 9, 11, 13], batch_size=2, device=torch.device("cpu"))
+    assert scores.num_clusters == 2
+    values = [float(scores(i)[0, 0, 0]) for i in [5, 7, 9, 11, 13]]
+    assert values == [10.0, 14.0, 18.0, 22.0, 26.0]
+    assert calls == [[5, 7], [9, 11], [13]]           # each batch once, num_clusters included
+    assert len(scores._cache) == 1

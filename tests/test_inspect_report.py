@@ -91,7 +91,7 @@ def _fill_pseudolabels(cache: Path, manifest, grid: tuple[int, int]) -> None:
 
 
 def _train_and_evaluate(cache: Path, manifest, backbone) -> None:
-    from pipeline.evaluate import batched_model_scores, cam_scores, evaluate_rows, plot_confusion
+    from pipeline.evaluate import ModelScores, cam_scores, evaluate_rows, plot_confusion
     from pipeline.pseudolabels import image_batch
     from pipeline.store import CamReader, open_pseudolabels, write_json
     from pipeline.train import PseudoLabelDataset, TrainConfig, load_segmenter, train_segmenter
@@ -104,9 +104,9 @@ def _train_and_evaluate(cache: Path, manifest, backbone) -> None:
     config = TrainConfig(epochs=2, batch_size=3, num_workers=0, device="cpu", bootstrap_start=1, teacher_interval=1)
     train_segmenter(backbone, dataset, K, config, cache / "model", progress=False, log_fn=lambda _: None)
     model = load_segmenter(backbone, cache / "model" / "model.pt")
-    scores = dict(batched_model_scores(model, lambda b: image_batch(manifest, b, SIZE), val, 4, torch.device("cpu")))
+    scores = ModelScores(model, lambda b: image_batch(manifest, b, SIZE), val, 4, torch.device("cpu"))
     with open_pseudolabels(cache / "pseudolabels.h5") as handle:
-        rows = evaluate_rows(manifest, val, {"model": lambda i: scores[i], "pseudo_labels": lambda i: cam_scores(handle, i)},
+        rows = evaluate_rows(manifest, val, {"model": scores, "pseudo_labels": lambda i: cam_scores(handle, i)},
                              {"model": K, "pseudo_labels": K}, train_size=SIZE, protocol="reference",
                              show_progress=False)
     metrics = {name: {key: row[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "num_clusters", "protocol")}
