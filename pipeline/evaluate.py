@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.data import Manifest, load_image, load_label
+from pipeline.data import Manifest, load_image, load_label, resize_image
 from pipeline.metrics import SegmentationMetrics
 from pipeline.runtime import log, progress
 
@@ -107,8 +107,6 @@ def score_to_prediction(scores: torch.Tensor, native: tuple[int, int], train: tu
     y0, x0, y1, x1 = protocol.crop(size)
     up = up[:, y0:y1, x0:x1]
     if image is not None:
-        from pipeline.data import resize_image
-
         return dense_crf(resize_image(image, size)[y0:y1, x0:x1], up.softmax(0).numpy()).argmax(0)
     return up.argmax(0).numpy()
 
