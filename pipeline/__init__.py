@@ -1,0 +1,1 @@
+"""TransFGU as a staged, cached pipeline; the stages are declared in `pipeline.stages`."""

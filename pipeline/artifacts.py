@@ -24,23 +24,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.layout import artifact_path
 
 ImageKey = int | str
-
-# Relative to the cache folder; mirrors pipeline.jobs.OUTPUTS (not imported, so that
-# opening artifacts never pulls in the job machinery).
-PATHS = {
-    "manifest": "manifest.json",
-    "features": "features.zarr",
-    "concepts": "concepts",
-    "pseudolabels": "pseudolabels.h5",
-    "model": "model/model.pt",
-    "train_log": "model/train_log.csv",
-    "metrics": "metrics.json",
-    "plots": "plots",
-    "matching": "plots/matching.json",
-}
-
 
 @dataclass
 class ConceptMembers:
@@ -89,10 +75,11 @@ class Artifacts:
 
     # ------------------------------------------------------------------ paths and lifetime
     def path(self, key: str) -> Path:
-        return self.cache_dir / PATHS[key]
+        """Where artifact `key` (a name of pipeline.layout.ARTIFACTS) lives in this cache."""
+        return artifact_path(self.cache_dir, key)
 
     def has(self, key: str) -> bool:
-        """Whether the artifact `key` of PATHS exists (its stage has run)."""
+        """Whether the artifact `key` exists (its stage has run)."""
         path = self.path(key)
         if key == "concepts":
             return (path / "concepts.npz").exists()
@@ -157,11 +144,7 @@ class Artifacts:
 
     def image(self, key: ImageKey, size: tuple[int, int] | None = None) -> np.ndarray:
         """Image (H, W, 3) uint8, at its own size or resized to `size` (H, W)."""
-        from pipeline.data import load_image, resize_image
-
-        record = self.manifest.records[self.index(key)]
-        img = load_image(self.manifest.resolve(record.image))
-        return img if size is None else resize_image(img, size)
+        return self.manifest.image(self.index(key), size)
 
     def label(self, key: ImageKey) -> np.ndarray | None:
         """Ground-truth class ids (H, W) uint8 (255 ignore), None for an image without label."""
@@ -344,7 +327,7 @@ class Artifacts:
         """The trained Segmenter around the backbone the features were made with (loaded once)."""
         if self._segmenter is None:
             from pipeline.backbones import create_backbone
-            from pipeline.train import load_segmenter
+            from pipeline.train.inference import load_segmenter
 
             attrs = self.feature_attrs
             weights = self.weights if self.weights is not None else (attrs.get("weights_source") or None)

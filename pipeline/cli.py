@@ -1,8 +1,7 @@
-"""`transfgu`: one subcommand per pipeline stage, plus listings.
+"""`transfgu`: one subcommand per pipeline stage (pipeline.stages.STAGES), plus listings.
 
-Each stage subcommand reads the same `params.yaml` section as its DVC stage and
-accepts `--set section.key=value` overrides, so `transfgu features --set
-backbone.batch_size=4` runs exactly what `dvc repro -s features` would with that
+A stage subcommand is also that stage's command in dvc.yaml, so `transfgu features
+--set backbone.batch_size=4` runs exactly what `dvc repro -s features` would with that
 parameter changed (without DVC's bookkeeping).
 """
 from __future__ import annotations
@@ -13,7 +12,7 @@ import click
 
 from pipeline.config import load_config
 from pipeline.errors import InputError, ProvenanceError
-from pipeline.jobs import JOB_HELP, list_jobs, run_job
+from pipeline.stages import STAGES, run_stage
 
 params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="Parameters file.")
@@ -31,20 +30,19 @@ def main() -> None:
     """
 
 
-def _stage_command(name: str) -> click.Command:
+def _stage_command(name: str, help: str) -> click.Command:
     @params_option
     @set_option
     def command(params_path: str, overrides: tuple[str, ...]) -> None:
         try:
-            run_job(name, load_config(params_path, overrides))
+            run_stage(name, load_config(params_path, overrides))
         except (InputError, ProvenanceError) as exc:
-            raise click.ClickException(str(exc)) from exc
-    command.__doc__ = JOB_HELP[name]
-    return click.command(name=name, help=JOB_HELP[name])(command)
+            raise click.ClickException(f"stage '{name}': {exc}") from exc
+    return click.command(name=name, help=help)(command)
 
 
-for _name in list_jobs():
-    main.add_command(_stage_command(_name))
+for _name, _stage in STAGES.items():
+    main.add_command(_stage_command(_name, _stage.help))
 
 from pipeline.inspection import inspect_group  # noqa: E402  (after the stage commands: help order)
 
@@ -54,18 +52,18 @@ main.add_command(inspect_group)
 @main.command("backbones")
 def backbones_command() -> None:
     """List the registered backbones."""
-    from pipeline.backbones import list_backbones
+    from pipeline.backbones import BACKBONES
 
-    for name in list_backbones():
+    for name in BACKBONES:
         click.echo(name)
 
 
 @main.command("datasets")
 def datasets_command() -> None:
     """List the dataset readers `data.dataset` can name."""
-    from pipeline.data import list_datasets
+    from pipeline.data import DATASETS
 
-    for name in list_datasets():
+    for name in DATASETS:
         click.echo(name)
 
 
@@ -93,10 +91,10 @@ def metrics_command(cache_dir: str) -> None:
 @main.command("protocols")
 def protocols_command() -> None:
     """List the evaluation protocols `evaluate.protocol` can name."""
-    from pipeline.evaluate import get_protocol, list_protocols
+    from pipeline.evaluate import PROTOCOLS
 
-    for name in list_protocols():
-        click.echo(f"{name:10s} {get_protocol(name).description}")
+    for name, protocol in PROTOCOLS.items():
+        click.echo(f"{name:10s} {protocol.description}")
 
 
 @main.group("settings", invoke_without_command=True)
@@ -105,11 +103,11 @@ def settings_group(ctx: click.Context) -> None:
     """List the named settings (one per paper row, plus camvid and demo)."""
     if ctx.invoked_subcommand is not None:
         return
-    from pipeline.settings import list_settings
+    from pipeline.settings import SETTINGS
 
     click.echo(f"{'setting':13s} {'dataset':13s} {'classes':>7s} {'K':>9s} {'size':>8s} {'epochs':>6s} "
                f"{'lr':>7s} {'backbone':27s} paper mIoU / acc")
-    for setting in list_settings():
+    for setting in (SETTINGS.get(n) for n in SETTINGS):
         p = setting.params()
         k = "+".join(str(v) for v in p["concepts"]["k"].values()) + ("+bg" if p["pseudolabels"]["background"] else "")
         size = "x".join(str(v) for v in p["features"]["image_size"])
@@ -131,13 +129,33 @@ def _num_classes(dataset: str) -> str:
 @params_option
 def settings_use(name: str, data_root: str | None, params_path: str) -> None:
     """Write setting NAME to params.yaml (then `dvc repro` or `dvc exp run`)."""
-    from pipeline.settings import get_setting, write_params
+    from pipeline.settings import SETTINGS, write_params
 
     try:
-        get_setting(name)
-    except KeyError as exc:
-        raise click.ClickException(str(exc.args[0])) from exc
+        SETTINGS.get(name)
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {write_params(name, params_path, data_root)} for setting '{name}'")
+
+
+@main.command("dvc-yaml")
+@click.option("--check", is_flag=True, help="Exit 1 when dvc.yaml differs from the stage table; write nothing.")
+@click.option("--out", default="dvc.yaml", show_default=True, type=click.Path(dir_okay=False))
+def dvc_yaml_command(check: bool, out: str) -> None:
+    """Write dvc.yaml from the stage table (pipeline/stages.py): commands, params, computed code deps."""
+    from pathlib import Path
+
+    from pipeline.files import atomic_write
+    from pipeline.stages import dvc_yaml
+
+    text, path = dvc_yaml(), Path(out)
+    if check:
+        if not path.exists() or path.read_text() != text:
+            raise click.ClickException(f"{path}: differs from the stage table; run `transfgu dvc-yaml`")
+        click.echo(f"{path} is up to date")
+        return
+    atomic_write(path, text)
+    click.echo(f"wrote {path} ({len(STAGES)} stages)")
 
 
 def run() -> None:  # pragma: no cover - console entry for python -m

@@ -16,10 +16,11 @@ import faiss
 import numpy as np
 import zarr
 
-from pipeline.config import ConceptsConfig
+from pipeline.config import ConceptsConfig, Config
 from pipeline.errors import InputError
+from pipeline.files import atomic_write, commit, fingerprint, partial_path, remove, write_json
 from pipeline.runtime import log
-from pipeline.store import CROP_KINDS, commit, fingerprint, partial_path, write_json
+from pipeline.store import CROP_KINDS, open_features_of
 
 POOL_ORDER = ("thing", "stuff", "all")
 
@@ -51,10 +52,10 @@ class Concepts:
         """`folder/concepts.npz` + `folder/concepts.json`, written together, atomically."""
         folder = Path(folder)
         partial = partial_path(folder)
-        partial.mkdir(parents=True, exist_ok=True)
-        with open(partial / "concepts.npz", "wb") as handle:
-            np.savez(handle, centroids=self.centroids, pools=np.array(self.pools),
-                     sizes=self.sizes, assignment=self.assignment)
+        remove(partial)
+        atomic_write(partial / "concepts.npz", lambda handle: np.savez(
+            handle, centroids=self.centroids, pools=np.array(self.pools), sizes=self.sizes,
+            assignment=self.assignment))
         write_json(partial / "concepts.json", {
             "k": self.k, "pools": self.pools, "sizes": self.sizes.tolist(),
             "objective": self.objective, "normalize": self.normalize,
@@ -86,7 +87,7 @@ def kmeans(points: np.ndarray, k: int, *, iterations: int, seed: int,
            max_points_per_centroid: int, restarts: int = 1) -> faiss.Kmeans:
     """L2 k-means (FAISS), on the GPU when there is one."""
     if len(points) < k:
-        raise ValueError(f"cannot make {k} clusters from {len(points)} crops: lower concepts.k or "
+        raise InputError(None, f"cannot make {k} clusters from {len(points)} crops: lower concepts.k or "
                          f"add images / smaller crop fractions")
     model = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed, verbose=False,
                          gpu=faiss_uses_gpu(), max_points_per_centroid=max_points_per_centroid,
@@ -99,7 +100,7 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
     """Cluster each pool of crops of `store` (a feature store) into cfg.k[pool] concepts."""
     unknown = sorted(set(cfg.k) - set(POOL_ORDER))
     if unknown:
-        raise ValueError(f"concepts.k has unknown pool(s) {unknown}; pools are {list(POOL_ORDER)}")
+        raise InputError(None, f"concepts.k has unknown pool(s) {unknown}; pools are {list(POOL_ORDER)}")
     kinds = store["crops/kind"][:]
     embeddings = store["crops/embedding"]
     rng = np.random.default_rng(cfg.seed)
@@ -110,7 +111,7 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
         k = int(cfg.k[pool])
         rows = pool_rows(kinds, pool)
         if len(rows) == 0:
-            raise ValueError(f"no '{pool}' crops in the feature store: features.pools must include "
+            raise InputError(None, f"no '{pool}' crops in the feature store: features.pools must include "
                              f"'{pool}' (it has {sorted({k for k, v in CROP_KINDS.items() if v in set(kinds)})})")
         # Same subsample FAISS would draw, but drawn here so only those rows are read from disk.
         budget = k * cfg.max_points_per_centroid
@@ -143,3 +144,11 @@ def concepts_meta(cfg: ConceptsConfig, store_attrs: dict) -> dict:
     return {"params": asdict(cfg), "backbone": store_attrs.get("backbone"),
             "weights_id": store_attrs.get("weights_id"), "seed": cfg.seed,
             "faiss_gpu": faiss_uses_gpu()}
+
+
+def concepts_stage(config: Config) -> None:
+    """Stage `concepts`: k-means over the crop embeddings of the feature store."""
+    store = open_features_of(config)
+    found = discover_concepts(store, config.concepts)
+    found.save(config.path("concepts"), concepts_meta(config.concepts, dict(store.attrs)))
+    log(f"concepts: {found.k} concepts, sizes {found.sizes.tolist()}")

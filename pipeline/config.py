@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.layout import artifact_path
 
 
 @dataclass
@@ -85,6 +88,99 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Every training constant of the method; defaults = paper / reference (COCO-Stuff-27).
+
+    Per-dataset values live in pipeline/settings.py (method.md's table).
+    """
+
+    # optimisation
+    epochs: int = 200
+    lr: float = 1e-4
+    batch_size: int = 256
+    weight_decay: float = 5e-4          # Adam L2; biases and 1-D (norm) parameters are exempt
+    grad_clip_value: float = 1.0        # element-wise clamp of every gradient to +-value
+    # decoder (paper: 2 blocks, 6 heads, d = backbone width, dropout 0.1)
+    decoder_layers: int = 2
+    decoder_heads: int = 6
+    decoder_dim: int | None = None
+    decoder_dropout: float = 0.1
+    # augmentation
+    crop_scale: tuple[float, float] = (0.4, 0.9)   # crop SIDE fraction of the image side, aspect kept
+    crop_output_fraction: float = 0.5   # crop resized to this fraction of the training size
+    jitter_p: float = 0.3
+    jitter_strength: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+    grayscale_p: float = 0.2
+    blur_p: float = 0.2
+    blur_kernel: int = 3
+    blur_sigma: tuple[float, float] = (1.0, 2.0)
+    hflip: bool = True                  # each sample flipped with p = 0.5
+    # losses
+    cam_norm: str = "image"             # min-max of the CAMs: per image over all K (reference) or per "concept"
+    uncertainty_weight: float = 0.3
+    diversity_weight: float = 1.0
+    # bootstrapping
+    bootstrap: bool = True
+    bootstrap_start: int = 2            # 0-based epoch; always a teacher-update epoch
+    teacher_interval: int | list[int] = 2
+    teacher_interval_block: int = 10    # epochs covered by each entry of a teacher_interval list
+    teacher_mix: float = 0.5            # weight of softmax(teacher) in the bootstrapped target
+    peer_alpha_start: float = 0.03
+    peer_alpha_end: float = 0.10
+    peer_alpha_step: float = 0.01       # per epoch since the last teacher update
+    reset_optimizer: bool = False       # reference keeps Adam's state across student resets
+    predict_with: str = "student"       # model.pt holds the student (what the reference evaluates) or "teacher"
+    # run
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "auto"                # "auto" = backbone.device
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]
+        self.jitter_strength = tuple(float(v) for v in self.jitter_strength)  # type: ignore[assignment]
+        self.blur_sigma = tuple(float(v) for v in self.blur_sigma)  # type: ignore[assignment]
+        self.teacher_interval = _parse_intervals(self.teacher_interval)
+        lo, hi = self.crop_scale
+        if not (len(self.crop_scale) == 2 and 0 < lo <= hi <= 1):
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+        if not 0 < self.crop_output_fraction <= 1:
+            raise ValueError(f"crop_output_fraction must be in (0, 1], got {self.crop_output_fraction}")
+        if len(self.jitter_strength) != 4:
+            raise ValueError(f"jitter_strength needs 4 values, got {list(self.jitter_strength)}")
+        for name in ("jitter_p", "grayscale_p", "blur_p", "teacher_mix"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd and positive, got {self.blur_kernel}")
+        _check_choice("cam_norm", self.cam_norm, ("image", "concept"))
+        _check_choice("predict_with", self.predict_with, ("student", "teacher"))
+        if self.epochs < 0 or self.bootstrap_start < 0:
+            raise ValueError(f"epochs and bootstrap_start must be >= 0, got {self.epochs}, {self.bootstrap_start}")
+        if self.batch_size < 1 or self.teacher_interval_block < 1:
+            raise ValueError(f"batch_size and teacher_interval_block must be >= 1, "
+                             f"got {self.batch_size}, {self.teacher_interval_block}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _parse_intervals(value: Any) -> int | list[int]:
+    """Accepts 2, [3, 3, 3, 2] or the reference's "3,3,3,2"."""
+    if isinstance(value, str):
+        value = [int(v) for v in value.split(",") if v.strip()]
+    values = [int(value)] if isinstance(value, numbers.Integral) else [int(v) for v in value]
+    if not values or min(values) < 1:
+        raise ValueError(f"teacher_interval must be positive integers, got {value!r}")
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass
 class Config:
     setting: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,7 +189,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     pseudolabels: PseudoLabelsConfig = field(default_factory=PseudoLabelsConfig)
-    train: dict = field(default_factory=dict)   # fields of pipeline.train.TrainConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cache: str = "cache"
 
@@ -101,10 +197,15 @@ class Config:
     def cache_dir(self) -> Path:
         return Path(self.cache)
 
-    def section(self, name: str) -> dict:
-        """The plain dict of one section, as recorded in artifacts' provenance."""
-        value = getattr(self, name)
-        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    def path(self, artifact: str) -> Path:
+        """Where artifact `artifact` (a name of pipeline.layout.ARTIFACTS) lives under the cache."""
+        return artifact_path(self.cache_dir, artifact)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The training size (H, W) every stage after `features` works at."""
+        h, w = self.features.image_size
+        return int(h), int(w)
 
 
 def _build(cls: type, raw: Any, where: str, source: str) -> Any:
@@ -118,12 +219,17 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise InputError(source, f"unknown key(s) in '{where}': {', '.join(unknown)} "
-                                 f"(known: {', '.join(sorted(names))})")
+        hints_ = [f"'{u}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(u, names, n=1)) else "")
+                  for u in unknown]
+        raise InputError(source, f"unknown key(s) in '{where or 'the top level'}': {', '.join(hints_)}; "
+                                 f"known: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _build(hints[name], value, f"{where}.{name}" if where else name, source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(source, f"'{where}': {exc}") from None
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> list[tuple[list[str], Any]]:

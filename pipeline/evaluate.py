@@ -12,6 +12,7 @@ matching (`pipeline.metrics.SegmentationMetrics`).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,14 +24,19 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.data import Manifest, load_image, load_label, resize_image
+from pipeline.backbones import backbone_from_config
+from pipeline.cam import normalize_cams
+from pipeline.config import Config
+from pipeline.data import Manifest, load_label, resize_image
+from pipeline.errors import InputError
+from pipeline.files import atomic_write, write_json
 from pipeline.metrics import SegmentationMetrics
-from pipeline.runtime import log, progress
+from pipeline.registry import Registry
+from pipeline.runtime import autocast, log, progress, resolve_device
+from pipeline.store import open_features_of, open_pseudolabels, read_h5_attrs
+from pipeline.train.inference import load_segmenter
 
 # ----------------------------------------------------------------------------- protocols
-_PROTOCOLS: dict[str, "EvalProtocol"] = {}
-
-
 @dataclass(frozen=True)
 class EvalProtocol:
     """How a native-resolution label and score map are brought to the scoring geometry.
@@ -45,19 +51,7 @@ class EvalProtocol:
     crop: Callable[[tuple[int, int]], tuple[int, int, int, int]]
 
 
-def register_protocol(protocol: EvalProtocol) -> EvalProtocol:
-    _PROTOCOLS[protocol.name] = protocol
-    return protocol
-
-
-def get_protocol(name: str) -> EvalProtocol:
-    if name not in _PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol '{name}'; known: {', '.join(sorted(_PROTOCOLS))}")
-    return _PROTOCOLS[name]
-
-
-def list_protocols() -> list[str]:
-    return sorted(_PROTOCOLS)
+PROTOCOLS: Registry[EvalProtocol] = Registry("evaluation protocol", param="evaluate.protocol")
 
 
 def _whole(size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -77,13 +71,13 @@ def _shortest_side(native: tuple[int, int], side: int = 320) -> tuple[int, int]:
     return max(side, int(round(h * scale))), max(side, int(round(w * scale)))
 
 
-register_protocol(EvalProtocol(
+PROTOCOLS.register("reference", EvalProtocol(
     "reference", "image and label squashed to the training size (labels nearest), as the TransFGU code",
     lambda native, train: tuple(train), _whole))
-register_protocol(EvalProtocol(
+PROTOCOLS.register("native", EvalProtocol(
     "native", "predictions upsampled (bilinear scores) to each label's own resolution",
     lambda native, train: tuple(native), _whole))
-register_protocol(EvalProtocol(
+PROTOCOLS.register("stego", EvalProtocol(
     "stego", "shortest side resized to 320, centre crop 320x320, as STEGO (no CRF)",
     lambda native, train: _shortest_side(native), _centre_square))
 
@@ -141,8 +135,6 @@ def label_in_protocol(label: np.ndarray, train: tuple[int, int], protocol: EvalP
 def cam_scores(handle: h5py.File, index: int) -> torch.Tensor:
     """The stored CAMs of one image as scores (K, h, w), normalised as the hard pseudo
     labels are (`pipeline.cam.cams_to_labels`), so their argmax is the pseudo label."""
-    from pipeline.cam import normalize_cams
-
     cam = torch.from_numpy(handle["cam"][index].astype(np.float32))
     return normalize_cams(cam[None])[0]
 
@@ -185,18 +177,18 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
 
     Sources named in `crf` are refined with a dense CRF on the image before the argmax.
     """
-    proto = get_protocol(protocol)
+    proto = PROTOCOLS.get(protocol)
     num_classes = len(manifest.class_names)
     meters = {name: SegmentationMetrics(num_classes, num_clusters[name], ignore_index=manifest.ignore_index)
               for name in sources}
     for i in progress(eval_indices, desc="evaluate", enabled=show_progress):
         record = manifest.records[i]
         if record.label is None:
-            raise ValueError(f"{record.image}: image of the evaluation split has no label")
+            raise InputError(record.image, "image of the evaluation split has no label")
         label = load_label(manifest.resolve(record.label), manifest.dataset, num_classes,
                            expect_size=(record.height, record.width))
         target = label_in_protocol(label, train_size, proto)
-        image = load_image(manifest.resolve(record.image)) if crf else None
+        image = manifest.image(i) if crf else None
         for name, source in sources.items():
             pred = score_to_prediction(source(i), (record.height, record.width), train_size, proto,
                                        image if name in crf else None)
@@ -233,8 +225,6 @@ class ModelScores:
 
     def __call__(self, index: int) -> torch.Tensor:
         if index not in self._cache:
-            from pipeline.runtime import autocast
-
             start = self.position[index]
             batch = self.indices[start:start + self.batch_size]
             with torch.no_grad(), autocast(self.device):
@@ -270,10 +260,44 @@ def plot_confusion(row: dict, class_names: list[str], path: str | Path, title: s
                         color="white" if norm[y, x] > 0.5 else "black")
     ax.set_title(f"{title}: mIoU {row['miou']:.1f}, pixel acc. {row['pixel_accuracy']:.1f}")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
+
+
+def evaluate_stage(config: Config) -> None:
+    """Stage `evaluate`: the model, pseudo_labels and bottom_up rows over the evaluation split."""
+    manifest = Manifest.load(config.path("manifest"))
+    device = resolve_device(config.backbone.device)
+    size = config.image_size
+    eval_indices = manifest.indices(config.data.eval_split)
+    train_indices = np.asarray(manifest.indices(config.data.train_split))
+
+    model = load_segmenter(backbone_from_config(config.backbone), config.path("model"))
+    model_scores = ModelScores(model, lambda batch: manifest.batch(batch, size), eval_indices,
+                               config.evaluate.batch_size, device)
+    store = open_features_of(config)
+    with open_pseudolabels(config.path("pseudolabels")) as handle:
+        k = int(read_h5_attrs(handle)["num_concepts"])
+        bottom_up = BottomUp(store, train_indices, k, seed=config.evaluate.bottom_up_seed)
+        sources = {
+            "model": model_scores,
+            "pseudo_labels": lambda i: cam_scores(handle, i),
+            "bottom_up": lambda i: bottom_up.scores(store["patch"][i]),
+        }
+        clusters = {"model": model_scores.num_clusters, "pseudo_labels": k, "bottom_up": k}
+        rows = evaluate_rows(manifest, eval_indices, sources, clusters, train_size=size,
+                             protocol=config.evaluate.protocol,
+                             crf=frozenset({"model"} if config.evaluate.crf else ()))
+    metrics = {name: {key: row[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "num_clusters",
+                                                   "protocol")} for name, row in rows.items()}
+    metrics["evaluation"] = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf,
+                             "split": config.data.eval_split, "images": len(eval_indices),
+                             "dataset": manifest.dataset, "model_selection": "last checkpoint (no labels used)"}
+    plots = config.path("plots")
+    for name, row in rows.items():
+        plot_confusion(row, manifest.class_names, plots / f"confusion_{name}.png", name)
+    write_json(config.path("matching"), {name: row["matching"] for name, row in rows.items()})
+    write_json(config.path("metrics"), metrics)
+    log(f"evaluate: wrote {config.path('metrics')} and {plots}/ "
+        f"({json.dumps({n: round(r['miou'], 2) for n, r in rows.items()})})")

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 import zarr
 from torchvision.ops import roi_align
 
-from pipeline.backbones import Backbone
-from pipeline.config import FeaturesConfig
-from pipeline.data import Manifest, images_to_tensor, load_image, resize_image
-from pipeline.runtime import autocast, log, progress
-from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, commit, create_feature_store,
-                            fingerprint, partial_path, shards)
+from pipeline.backbones import Backbone, backbone_from_config
+from pipeline.config import Config, FeaturesConfig
+from pipeline.data import Manifest, images_to_tensor, resize_image
+from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
+from pipeline.runtime import autocast, log, progress, resolve_device
+from pipeline.store import CROP_KINDS, ShardLog, check_provenance, create_feature_store, shards
 
 
 # ----------------------------------------------------------------------------- windows
@@ -139,8 +139,7 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
     n_windows = len(layout.windows)
     for b0 in range(start, stop, batch_size):
         b1 = min(b0 + batch_size, stop)
-        records = manifest.records[b0:b1]
-        originals = [load_image(manifest.resolve(r.image)) for r in records]
+        originals = [manifest.image(i) for i in range(b0, b1)]
         images = images_to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
         with torch.no_grad(), autocast(device):
             out = backbone(images)
@@ -209,16 +208,10 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
     }
     partial = partial_path(out)
     log_dir = ShardLog(partial.with_name(partial.name + ".shards"))
-    root = None
-    if partial.exists():
-        try:
-            existing = zarr.open_group(str(partial), mode="r+")
-            check_provenance(partial, dict(existing.attrs), attrs)
-            root = existing
-        except Exception as exc:  # another configuration or a broken store: start over
-            log(f"features: not resuming {partial} ({str(exc).splitlines()[0]}); starting over")
-            root = None
-    if root is None:
+    if resume_or_restart(partial, lambda p: check_provenance(p, dict(zarr.open_group(str(p), mode="r").attrs), attrs),
+                         "features", log):
+        root = zarr.open_group(str(partial), mode="r+")
+    else:
         log_dir.clear()
         root = create_feature_store(partial, n_images=len(manifest.records), grid=layout.grid,
                                     dim=layout.dim, n_crop_images=n_crop_images,
@@ -241,3 +234,11 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
     commit(partial, out)
     log_dir.clear()
     return out
+
+
+def features_stage(config: Config) -> None:
+    """Stage `features`: every manifest image through the frozen backbone into the Zarr store."""
+    extract_features(Manifest.load(config.path("manifest")), backbone_from_config(config.backbone), config.features,
+                     config.path("features"), crop_split=config.data.train_split,
+                     batch_size=config.backbone.batch_size, device=resolve_device(config.backbone.device),
+                     weights_source=config.backbone.weights)

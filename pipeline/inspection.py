@@ -8,7 +8,6 @@ leaves the notebook's own backend alone.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +19,7 @@ from matplotlib.patches import Patch
 
 from pipeline.artifacts import Artifacts, open_artifacts
 from pipeline.errors import InputError, ProvenanceError
+from pipeline.files import atomic_write
 from pipeline.runtime import progress
 
 MAX_SIDE = 384                       # display size of the longer image side, pixels
@@ -30,16 +30,7 @@ UNMATCHED_COLOUR = (150, 150, 150)
 # ----------------------------------------------------------------------------- small helpers
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write `fig` as PNG under a temporary name and rename it: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
 
 
 def file_stem(index: int, image_id: str) -> str:
@@ -284,9 +275,9 @@ def _prediction_maps(art: Artifacts, index: int, size: tuple[int, int], with_mod
     (bilinear, then argmax) the way the evaluate stage does."""
     import torch
 
-    from pipeline.evaluate import get_protocol, score_to_prediction
+    from pipeline.evaluate import PROTOCOLS, score_to_prediction
 
-    native = get_protocol("native")               # predictions brought to the size asked for
+    native = PROTOCOLS.get("native")               # predictions brought to the size asked for
     train = art.model_input_size()
     maps = {"pseudo_labels": score_to_prediction(art.pseudolabel_scores(index), size, train, native)}
     if with_model:

@@ -16,20 +16,14 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.backbones import Backbone
+from pipeline.backbones import Backbone, backbone_from_config
 from pipeline.cam import add_background_channel, cams_to_labels, compute_cams
 from pipeline.concepts import Concepts
-from pipeline.config import PseudoLabelsConfig
-from pipeline.data import Manifest, images_to_tensor, load_image, resize_image
-from pipeline.runtime import log, progress
-from pipeline.store import (check_provenance, commit, create_pseudolabel_file, partial_path,
-                            read_h5_attrs)
-
-
-def image_batch(manifest: Manifest, indices: range | list[int], size: tuple[int, int]) -> torch.Tensor:
-    """Images of `indices` resized to `size`, as (B, 3, H, W) float in [0, 1]."""
-    arrays = [resize_image(load_image(manifest.resolve(manifest.records[i].image)), size) for i in indices]
-    return images_to_tensor(arrays)
+from pipeline.config import Config, PseudoLabelsConfig
+from pipeline.data import Manifest
+from pipeline.files import commit, partial_path, resume_or_restart
+from pipeline.runtime import log, progress, resolve_device
+from pipeline.store import check_provenance, create_pseudolabel_file, read_h5_attrs
 
 
 def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tensor,
@@ -54,16 +48,14 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
              "concept_pools": concepts.pools + (["background"] if cfg.background else [])}
     partial = partial_path(out)
     ids = [r.id for r in manifest.records]
-    if partial.exists():
-        try:
-            with h5py.File(partial, "r") as handle:
-                check_provenance(partial, read_h5_attrs(handle), attrs)
-                if handle["cam"].shape != (len(ids), k, *grid):
-                    raise ValueError("shape changed")
-        except Exception as exc:  # another configuration or a broken file: start over
-            log(f"pseudolabels: not resuming {partial} ({str(exc).splitlines()[0]}); starting over")
-            partial.unlink()
-    if not partial.exists():
+
+    def check(path: Path) -> None:
+        with h5py.File(path, "r") as handle:
+            check_provenance(path, read_h5_attrs(handle), attrs)
+            if handle["cam"].shape != (len(ids), k, *grid):
+                raise ValueError(f"cam shape {handle['cam'].shape} != {(len(ids), k, *grid)}")
+
+    if not resume_or_restart(partial, check, "pseudolabels", log):
         create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs)
 
     backbone.to(device).eval()
@@ -76,7 +68,7 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
             bar.update(len(ids) - len(todo))
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size].tolist()
-                images = image_batch(manifest, batch, image_size).to(device)
+                images = manifest.batch(batch, image_size).to(device)
                 cams = concept_maps(backbone, images, centroids, cfg)
                 labels = cams_to_labels(cams)
                 # h5py fancy indexing wants increasing indices; `todo` is sorted.
@@ -92,3 +84,13 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
         f"{f', {len(ids) - computed} resumed' if len(ids) - computed else ''}); grid {grid}")
     commit(partial, out)
     return out
+
+
+def pseudolabels_stage(config: Config) -> None:
+    """Stage `pseudolabels`: the CAMs of every manifest image for every concept, into HDF5."""
+    manifest = Manifest.load(config.path("manifest"))
+    backbone = backbone_from_config(config.backbone)
+    provenance = {"backbone": backbone.name, "weights_id": backbone.weights_id, "dataset": manifest.dataset}
+    write_pseudolabels(manifest, backbone, Concepts.load(config.path("concepts")), config.pseudolabels,
+                       config.path("pseudolabels"), image_size=config.image_size,
+                       device=resolve_device(config.backbone.device), provenance=provenance)

@@ -5,12 +5,11 @@ no network, no script), so it can be opened from disk, zipped or served as is:
 metrics table, per-class IoU bars, confusion matrices, training curves, concept
 galleries and sample overlays. A section whose artifact is missing (its stage has
 not run) says so instead of failing the page. The folder is built under
-`<out>.partial` and swapped in whole (pipeline.store.commit).
+`<out>.partial` and swapped in whole (pipeline.files.commit).
 """
 from __future__ import annotations
 
 import html
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,8 +22,9 @@ from pipeline.artifacts import Artifacts, open_artifacts
 from pipeline.errors import InputError, ProvenanceError
 from pipeline.inspection import (palette, plot_concept_gallery, plot_concept_projection, plot_features,
                               plot_predictions, plot_pseudolabels, save_figure)
+from pipeline.config import Config
+from pipeline.files import atomic_write, commit, partial_path, remove
 from pipeline.runtime import log, progress
-from pipeline.store import commit, partial_path
 
 ROWS = ("model", "pseudo_labels", "bottom_up")
 LOSS_COLUMNS = ("loss", "ce", "uncertainty", "diversity", "peer")
@@ -166,7 +166,7 @@ def _confusion_section(art: Artifacts, page: _Page) -> None:
     figures = []
     for src in found:
         dst = page.folder / src.name
-        shutil.copyfile(src, dst)
+        atomic_write(dst, src.read_bytes())
         row = src.stem.removeprefix("confusion_")
         figures.append(f"<figure>{page.img(dst, f'confusion matrix {row}')}<figcaption>{html.escape(row)}"
                        f"</figcaption></figure>")
@@ -266,20 +266,27 @@ def build_report(cache_dir: str | Path = "cache", out_dir: str | Path | None = N
     cache_dir = Path(cache_dir)
     out_dir = Path(out_dir) if out_dir else cache_dir / "report"
     partial = partial_path(out_dir)
-    if partial.exists():
-        shutil.rmtree(partial)
+    remove(partial)
     partial.mkdir(parents=True)
     page = _Page(partial)
     builders: list[Callable[[Artifacts, _Page], None]] = [
         _metrics_section, _confusion_section, _training_section,
         lambda a, p: _concepts_section(a, p, options), lambda a, p: _samples_section(a, p, options)]
-    with open_artifacts(cache_dir, weights=weights) as art:
-        summary = _summary(art)
-        for build in builders:
-            build(art, page)
-    (partial / "index.html").write_text(render_page("TransFGU pipeline report", summary, page.sections),
-                                        encoding="utf-8")
-    commit(partial, out_dir)
+    try:
+        with open_artifacts(cache_dir, weights=weights) as art:
+            summary = _summary(art)
+            for build in builders:
+                build(art, page)
+        atomic_write(partial / "index.html", render_page("TransFGU pipeline report", summary, page.sections))
+        commit(partial, out_dir)
+    finally:
+        remove(partial)   # nothing to resume in a report: a failed one leaves no trace
     index = out_dir / "index.html"
     log(f"report: wrote {index} ({sum(1 for _ in out_dir.rglob('*.png'))} images)")
     return index
+
+
+def report_stage(config: Config) -> None:
+    """Stage `report`: cache/report/index.html over every artifact of the cache."""
+    build_report(config.cache_dir, config.path("report"), ReportOptions(eval_split=config.data.eval_split),
+                 weights=config.backbone.weights or None)

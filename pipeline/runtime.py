@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # torch is imported where a device is needed: log() and progress() stay light
+    import torch
 
 T = TypeVar("T")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto") -> "torch.device":
     """'auto' picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -21,9 +25,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: "torch.device") -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (the frozen backbone's matmuls dominate); full precision on CPU,
     where bf16 is slower on most processors."""
+    import torch
+
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.train import TrainConfig
+from pipeline.config import TrainConfig
+from pipeline.files import atomic_write
+from pipeline.registry import Registry
 
 # The paper's hyperparameters (method.md); every setting starts from these. Every key of
 # every section is present (DVC's --set-param only overrides keys that exist).
@@ -43,54 +45,40 @@ class Setting:
     paper: str = ""                    # published mIoU / pixel accuracy (method.md), "" when none
 
     def params(self, data_root: str | None = None) -> dict:
-        params = _merge(copy.deepcopy(PAPER), self.overrides)
+        params = merge_params(copy.deepcopy(PAPER), self.overrides)
         params["setting"] = self.name
         if data_root:
             params["data"]["root"] = str(data_root)
         return params
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_params(base: dict, extra: dict) -> dict:
     """Nested update; a mapping under `concepts.k` or `data.options` replaces rather than merges,
     since its keys are the choice itself (the pools, the reader's options)."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in ("k", "options"):
-            _merge(base[key], value)
+            merge_params(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
     return base
 
 
-_SETTINGS: dict[str, Setting] = {}
+SETTINGS: Registry[Setting] = Registry("setting")
 
 
 def register_setting(setting: Setting) -> Setting:
-    _SETTINGS[setting.name] = setting
-    return setting
-
-
-def get_setting(name: str) -> Setting:
-    if name not in _SETTINGS:
-        raise KeyError(f"unknown setting '{name}'; settings: {', '.join(_SETTINGS)}")
-    return _SETTINGS[name]
-
-
-def list_settings() -> list[Setting]:
-    return list(_SETTINGS.values())
+    return SETTINGS.register(setting.name, setting)
 
 
 def write_params(name: str, path: str | Path = "params.yaml", data_root: str | None = None) -> Path:
     """params.yaml for a setting, with a header saying where it came from."""
-    setting = get_setting(name)
+    setting = SETTINGS.get(name)
     path = Path(path)
     header = (f"# Setting '{name}': {setting.description}\n"
               f"# Written by `transfgu settings use {name}` from pipeline/settings.py; edit either,\n"
               f"# or override single keys with `transfgu <stage> --set key=value` / `dvc exp run -S key=value`.\n")
     text = header + yaml.safe_dump(setting.params(data_root), sort_keys=False, default_flow_style=None, width=100)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)
 
 
 # ----------------------------------------------------------------------------- CPU settings

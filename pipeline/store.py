@@ -1,6 +1,6 @@
-"""Artifacts on disk: atomic outputs, provenance, the Zarr feature store and the HDF5 pseudo labels.
+"""The two big stores: the Zarr feature store and the HDF5 pseudo labels, with provenance checks.
 
-Every artifact is built under `<name>.partial` and renamed to `<name>` only when
+Both are built under `<name>.partial` (pipeline.files) and renamed to `<name>` only when
 complete, so an interrupted stage never leaves something that looks finished. The
 partial artifact records which shards are done: rerunning the stage resumes it
 instead of starting over, as long as its provenance (backbone, weights, params) is
@@ -8,10 +8,8 @@ the same.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,76 +17,12 @@ import h5py
 import numpy as np
 import zarr
 
+from pipeline.config import Config
 from pipeline.errors import InputError, ProvenanceError
-
-
-# ----------------------------------------------------------------------------- atomic outputs
-def partial_path(final: str | Path) -> Path:
-    """Where an artifact is built before it is renamed into place."""
-    final = Path(final)
-    return final.with_name(final.name + ".partial")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def commit(partial: str | Path, final: str | Path) -> Path:
-    """Replace `final` by the complete `partial` (file or folder) as one rename.
-
-    A folder cannot be swapped by one rename over an existing one, so the old one is
-    first moved aside; it is removed only after the new one is in place.
-    """
-    partial, final = Path(partial), Path(final)
-    old = final.with_name(final.name + ".old")
-    _remove(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    _remove(old)
-    return final
-
-
-def write_json(path: str | Path, payload: Any) -> Path:
-    """JSON written to a temporary name and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+from pipeline.files import json_default, partial_path, remove
 
 
 # ----------------------------------------------------------------------------- provenance
-def fingerprint(payload: Any) -> str:
-    """Stable sha256 of a JSON-able value (sorted keys)."""
-    text = json.dumps(payload, sort_keys=True, default=_json_default)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_provenance(path: str | Path, found: dict, expected: dict) -> None:
     """Refuse an input written with other settings than the ones this stage runs with.
 
@@ -108,7 +42,7 @@ def check_provenance(path: str | Path, found: dict, expected: dict) -> None:
 
 def _normalise(value: Any) -> Any:
     """JSON round trip, so tuples and lists, numpy and python scalars compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
+    return json.loads(json.dumps(value, sort_keys=True, default=json_default))
 
 
 # ----------------------------------------------------------------------------- shard bookkeeping
@@ -139,7 +73,7 @@ class ShardLog:
         self._marker(start, stop).touch()
 
     def clear(self) -> None:
-        _remove(self.folder)
+        remove(self.folder)
 
 
 # ----------------------------------------------------------------------------- features (Zarr)
@@ -192,6 +126,13 @@ def open_features(path: str | Path, expected: dict | None = None) -> zarr.Group:
     return root
 
 
+def open_features_of(config: Config) -> zarr.Group:
+    """The feature store of `config`'s cache, checked to be made with its backbone, features
+    params and crop split (what the stages that read it depend on)."""
+    return open_features(config.path("features"), expected={
+        "backbone": config.backbone.name, "params": asdict(config.features), "crop_split": config.data.train_split})
+
+
 def features_as_dask(path: str | Path) -> dict:
     """The feature arrays as lazy dask arrays, keyed like the store ('crops/box', ...)."""
     import dask.array as da
@@ -220,7 +161,7 @@ def create_pseudolabel_file(
         handle.create_dataset("image_id", data=np.array(image_ids, dtype=h5py.string_dtype()))
         handle.create_dataset("done", shape=(n,), dtype="bool", fillvalue=False)
         for key, value in attrs.items():
-            handle.attrs[key] = json.dumps(value, default=_json_default)
+            handle.attrs[key] = json.dumps(value, default=json_default)
 
 
 def read_h5_attrs(handle: h5py.File) -> dict:

@@ -9,7 +9,6 @@ from pipeline.data.images import (
     IMAGE_EXTENSIONS,
     images_to_tensor,
     load_image,
-    load_label,
     open_image,
     read_label_array,
     read_size,
@@ -18,6 +17,7 @@ from pipeline.data.images import (
 )
 from pipeline.data.manifest import ImageRecord, Manifest
 from pipeline.data.readers import (
+    DATASETS,
     DatasetReader,
     Entry,
     LabelDecoder,
@@ -25,13 +25,13 @@ from pipeline.data.readers import (
     build_manifest,
     get_label_decoder,
     get_reader,
-    list_datasets,
-    register_dataset,
+    load_label,
 )
 from pipeline.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from pipeline.data.synthetic import generate_synthetic
 
 __all__ = [
+    "DATASETS",
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "DatasetReader",
@@ -46,13 +46,11 @@ __all__ = [
     "get_label_decoder",
     "get_reader",
     "images_to_tensor",
-    "list_datasets",
     "load_image",
     "load_label",
     "open_image",
     "read_label_array",
     "read_size",
-    "register_dataset",
     "resize_image",
     "resize_label",
 ]

@@ -120,26 +120,6 @@ def read_label_array(path: str | Path) -> tuple[np.ndarray, str]:
     return np.asarray(img), img.mode
 
 
-def load_label(path: str | Path, dataset: str, num_classes: int,
-               expect_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a label file and decode it with ``dataset``'s decoder into ``(H, W)`` uint8.
-
-    Values are class ids ``0..num_classes-1`` and 255 (ignore). Raises InputError naming
-    the file when its size differs from ``expect_size`` (the image's ``(H, W)``), when
-    it has several channels the decoder cannot read, or when values fall outside the
-    class range after decoding (the offending raw values are listed).
-    """
-    # Imported here because the readers module builds on this one.
-    from pipeline.data.readers import get_label_decoder
-
-    decoder = get_label_decoder(dataset)
-    raw, mode = read_label_array(path)
-    if expect_size is not None and tuple(raw.shape[:2]) != tuple(expect_size):
-        raise InputError(path, f"label is {raw.shape[0]}x{raw.shape[1]} (HxW) but its image is "
-                               f"{expect_size[0]}x{expect_size[1]}")
-    return decoder.decode(raw, mode, num_classes, path)
-
-
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (PIL) of a uint8 ``(H, W, 3)`` or ``(H, W)`` image to ``size = (H, W)``."""
     img = np.asarray(img)

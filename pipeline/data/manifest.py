@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from pipeline.data.images import images_to_tensor, load_image, resize_image
 from pipeline.errors import InputError
+from pipeline.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST_FORMAT = 1
 
@@ -39,6 +45,7 @@ class Manifest:
     records: list[ImageRecord] = field(default_factory=list)
     root: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False, repr=False)   # the file it was loaded from
 
     @property
     def num_classes(self) -> int:
@@ -52,13 +59,28 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.records)
 
+    def indices(self, split: str) -> list[int]:
+        """Manifest indices of the images of ``split``, in order; an InputError when it has none."""
+        rows = [i for i, r in enumerate(self.records) if r.split == split]
+        if not rows:
+            raise InputError(self.path, f"split '{split}' has no images in this {self.dataset} manifest "
+                                        f"(splits: {', '.join(self.splits) or 'none'})")
+        return rows
+
     def split(self, name: str) -> list[ImageRecord]:
         """The records of split ``name``, in manifest order."""
-        rows = [r for r in self.records if r.split == name]
-        if not rows:
-            raise ValueError(f"split '{name}' has no images in this {self.dataset} manifest "
-                             f"(splits: {', '.join(self.splits) or 'none'})")
-        return rows
+        return [self.records[i] for i in self.indices(name)]
+
+    def image(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Image ``index`` as (H, W, 3) uint8, at its own size or resized (bilinear) to ``size`` (H, W).
+
+        The one way every stage reads a dataset image."""
+        img = load_image(self.resolve(self.records[index].image))
+        return img if size is None else resize_image(img, size)
+
+    def batch(self, indices: list[int] | range, size: tuple[int, int]) -> "torch.Tensor":
+        """Images ``indices`` resized to ``size``, as (B, 3, H, W) float32 in [0, 1]."""
+        return images_to_tensor([self.image(i, size) for i in indices])
 
     def resolve(self, path: str | Path) -> Path:
         """An absolute path stays as is; a relative one is taken relative to ``root``."""
@@ -89,23 +111,13 @@ class Manifest:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically: a reader never sees a half-written manifest."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
         path = Path(path)
         if not path.is_file():
-            raise InputError(path, "manifest file does not exist")
+            raise InputError(path, "manifest file does not exist; run the prepare stage first")
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -118,6 +130,8 @@ class Manifest:
             raise InputError(path, f"manifest format {data['format']} is newer than this code "
                                    f"understands ({MANIFEST_FORMAT})")
         try:
-            return cls.from_dict(data)
+            manifest = cls.from_dict(data)
         except (TypeError, ValueError) as err:
             raise InputError(path, f"malformed manifest record: {err}") from None
+        manifest.path = path
+        return manifest

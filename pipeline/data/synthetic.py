@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.config import Config
 from pipeline.errors import InputError
+from pipeline.files import commit, partial_path, remove
+from pipeline.runtime import log
 
 GENERATOR_VERSION = 1
 
@@ -249,9 +250,8 @@ def generate_synthetic(out_dir: str | Path, n_train: int, n_val: int, size: tupl
         raise ValueError(f"need n_train, n_val >= 0 and size >= 16x16, got {n_train}, {n_val}, {size}")
     if out_dir.exists() and not (out_dir.is_dir() and _looks_generated(out_dir)):
         raise InputError(out_dir, "exists and is not a synthetic dataset folder; refusing to overwrite it")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = partial_path(out_dir)
+    remove(tmp)
     (tmp / "images").mkdir(parents=True)
     (tmp / "labels").mkdir()
     grid = Grid.of((height, width))
@@ -269,9 +269,13 @@ def generate_synthetic(out_dir: str | Path, n_train: int, n_val: int, size: tupl
                 "size": [height, width], "n_train": int(n_train), "n_val": int(n_val),
                 "classes": [{"name": c.name, "kind": c.kind} for c in SYNTHETIC_CLASSES]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        commit(tmp, out_dir)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove(tmp)
+
+
+def synthesize_stage(config: Config) -> None:
+    """Stage `synthesize`: the deterministic demo dataset at `synthetic.out`."""
+    cfg = config.synthetic
+    generate_synthetic(cfg.out, n_train=cfg.n_train, n_val=cfg.n_val, size=tuple(cfg.size), seed=cfg.seed)
+    log(f"synthesize: {cfg.n_train} train + {cfg.n_val} val images of {cfg.size[0]}x{cfg.size[1]} in {cfg.out}")

@@ -1,0 +1,170 @@
+"""Training augmentation of a batch, on the batch's device: photometric changes, then one
+random crop cut from the image and its CAMs alike (so they stay aligned), then a flip.
+
+Every random draw comes from the CPU generator passed in, so a run (and a resumed run)
+replays exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.config import TrainConfig
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+
+def sample_crop_boxes(n: int, size: tuple[int, int], scale: tuple[float, float], generator: torch.Generator) -> Tensor:
+    """Random crop boxes, one per sample.
+
+    The box side is ``s x`` the image side with ``s ~ U(scale)`` (the reference's
+    "scale"; image aspect kept), placed uniformly inside the image.
+
+    Returns: (n, 4) float32 boxes ``(x0, y0, x1, y1)`` in pixel units (pixel i spans [i, i+1)).
+    """
+    height, width = size
+    s = _uniform(n, scale[0], scale[1], generator)
+    bh, bw = s * height, s * width
+    y0 = torch.rand(n, generator=generator) * (height - bh)
+    x0 = torch.rand(n, generator=generator) * (width - bw)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)
+
+
+def crop_and_resize(
+    images: Tensor, cams: Tensor, boxes: Tensor, out_size: tuple[int, int], cam_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Crop images and CAMs by the same boxes.
+
+    Args:
+        images: (B, 3, H, W).
+        cams: (B, K, h, w); cell j spans pixels [j*H/h, (j+1)*H/h).
+        boxes: (B, 4) ``(x0, y0, x1, y1)`` in image pixels.
+        out_size: (H', W') of the image crops.
+        cam_size: (h', w') of the CAM crops (the crops' patch grid).
+
+    Returns: images (B, 3, H', W'), cams (B, K, h', w'), both float32. ``aligned=True``
+    roi_align puts both on one continuous coordinate frame, so a crop cell covers
+    exactly the pixels of its patch in the image crop.
+    """
+    b, _, height, width = images.shape
+    h, w = cams.shape[-2:]
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    batch_idx = torch.arange(b, device=images.device, dtype=torch.float32)[:, None]
+    img_rois = torch.cat([batch_idx, boxes], dim=1)
+    # Separate x / y scales: roi_align has one spatial_scale, CAM grids need not be square.
+    cam_scale = torch.tensor([w / width, h / height, w / width, h / height], device=images.device)
+    cam_rois = torch.cat([batch_idx, boxes * cam_scale], dim=1)
+    # 2x2 samples per output pixel anti-alias the image; for the coarse CAM grid the
+    # reference's adaptive count (ceil(bin size)) avoids sampling past edge cell centres.
+    out = roi_align(images.float(), img_rois, out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    cam_out = roi_align(cams.float(), cam_rois, cam_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return out, cam_out
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma (ITU-R 601, as torchvision)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
+    """Per-sample separable Gaussian blur with reflect padding. x (N, C, H, W), sigma (N,)."""
+    n, c, height, width = x.shape
+    r = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    k1d = torch.exp(-0.5 * (r[None] / sigma[:, None].to(x)) ** 2)
+    k1d = (k1d / k1d.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, k)
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k1d[:, None, :, None], groups=n * c)
+    y = F.conv2d(y, k1d[:, None, None, :], groups=n * c)
+    return y.reshape(n, c, height, width)
+
+
+def photometric_augment(images: Tensor, config: TrainConfig, generator: torch.Generator) -> Tensor:
+    """Colour jitter, grayscale and blur, each drawn per sample.
+
+    images (B, 3, H, W) in [0, 1] -> same shape. Jitter factors are drawn per sample
+    like torchvision's ``ColorJitter`` (brightness/contrast/saturation in
+    [1-s, 1+s], hue in [-s, s]); one random order of the four ops per batch. The
+    reference draws each "apply?" once per batch; per-sample draws give the same rate.
+    """
+    b = images.shape[0]
+    out = images
+    jit = torch.rand(b, generator=generator) < config.jitter_p
+    gray = torch.rand(b, generator=generator) < config.grayscale_p
+    blur = torch.rand(b, generator=generator) < config.blur_p
+    bs, cs, ss, hs = config.jitter_strength
+    factors = torch.stack(
+        [
+            _uniform(b, max(0.0, 1 - bs), 1 + bs, generator),
+            _uniform(b, max(0.0, 1 - cs), 1 + cs, generator),
+            _uniform(b, max(0.0, 1 - ss), 1 + ss, generator),
+            _uniform(b, -hs, hs, generator),
+        ],
+        dim=1,
+    )
+    order = torch.randperm(4, generator=generator).tolist()
+    sigma = _uniform(b, config.blur_sigma[0], config.blur_sigma[1], generator)
+
+    if jit.any():
+        idx = jit.nonzero().squeeze(1)
+        x = out[idx.to(out.device)]
+        f = factors[idx].to(x.device, x.dtype)[:, :, None, None, None]
+        for op in order:
+            if op == 0:
+                x = (x * f[:, 0]).clamp_(0, 1)
+            elif op == 1:
+                x = _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f[:, 1])
+            elif op == 2:
+                x = _blend(x, _gray(x), f[:, 2])
+            else:
+                x = torch.stack([TF.adjust_hue(xi, float(hi)) for xi, hi in zip(x, factors[idx, 3])])
+        out = out.clone()
+        out[idx.to(out.device)] = x
+    if gray.any():
+        mask = gray.to(out.device)[:, None, None, None]
+        out = torch.where(mask, _gray(out).expand_as(out), out)
+    if blur.any():
+        idx = blur.nonzero().squeeze(1)
+        out = out.clone()
+        out[idx.to(out.device)] = _gaussian_blur(out[idx.to(out.device)], sigma[idx], config.blur_kernel)
+    return out
+
+
+def augment_batch(
+    images: Tensor,
+    cams: Tensor,
+    config: TrainConfig,
+    patch_size: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Full training augmentation of a batch, on the batch's device.
+
+    Args:
+        images: (B, 3, H, W) in [0, 1] at the training size.
+        cams: (B, K, h, w) on the training size's patch grid.
+        patch_size: backbone output stride; the crop size is rounded to a multiple of it.
+        generator: CPU generator all random draws come from (reproducible, resumable).
+
+    Returns: images (B, 3, H', W'), cams (B, K, H'/p, W'/p) with
+    H' ~= crop_output_fraction x H.
+    """
+    b, _, height, width = images.shape
+    out_h = max(patch_size, int(round(height * config.crop_output_fraction / patch_size)) * patch_size)
+    out_w = max(patch_size, int(round(width * config.crop_output_fraction / patch_size)) * patch_size)
+    images = photometric_augment(images, config, generator)
+    boxes = sample_crop_boxes(b, (height, width), config.crop_scale, generator)
+    images, cams = crop_and_resize(images, cams, boxes, (out_h, out_w), (out_h // patch_size, out_w // patch_size))
+    if config.hflip:
+        flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)[:, None, None, None]
+        images = torch.where(flip, images.flip(-1), images)
+        cams = torch.where(flip, cams.flip(-1), cams)
+    return images, cams

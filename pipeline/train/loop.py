@@ -1,0 +1,257 @@
+"""The training loop: `train_segmenter` runs epochs of `train_step` and tells its hooks.
+
+Hooks (progress on a terminal and in logs, `last.pt` / `train_log.csv` / `model.pt`)
+see the :class:`TrainState` at fixed points, so the loop itself is only the method:
+seed the epoch, update the teacher when the schedule says so, one pass over the data.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.cam import normalize_cams
+from pipeline.config import TrainConfig
+from pipeline.files import atomic_write
+from pipeline.runtime import autocast, progress, resolve_device
+from pipeline.train.augment import augment_batch
+from pipeline.train.losses import diversity_loss, peer_loss, pseudo_targets, uncertainty_loss
+from pipeline.train.schedule import epoch_seed, is_teacher_update_epoch, peer_alpha
+from pipeline.train.state import (TrainState, backbone_identity, checkpoint_mismatch, save_checkpoint,
+                                  save_model)
+
+LOSS_TERMS = ("loss", "ce", "uncertainty", "diversity", "peer")
+LOG_COLUMNS = ("epoch", *LOSS_TERMS, "alpha", "teacher_update", "seconds")
+
+
+def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, config: TrainConfig,
+                    out_dir: str | Path, progress: bool = True,
+                    log_fn: Callable[[str], None] | None = None) -> Path:
+    """Train the decoder on the dataset's CAMs; resumable; returns ``out_dir/model.pt``.
+
+    Args:
+        backbone: frozen Backbone (``forward(x) -> .patch (B, h, w, D)``, ``embed_dim``,
+            ``patch_size``).
+        dataset: a :class:`~pipeline.train.data.PseudoLabelDataset` (or anything yielding
+            (image (3, H, W), cam (K, h, w), index)).
+        num_classes: K, the number of CAM channels / concepts.
+        config: training constants.
+        out_dir: receives ``last.pt`` and ``train_log.csv`` (every epoch) and ``model.pt``.
+        progress: a bar on a terminal; one line per epoch either way.
+        log_fn: receives the per-epoch and event lines instead of stdout.
+
+    A ``last.pt`` already in ``out_dir`` is resumed when it can reach exactly the result of
+    a run from scratch (same settings up to ``epochs``, ``num_workers``, ``device``,
+    ``predict_with``, and no more epochs done than asked); otherwise training starts over
+    and says why in one line. ``model.pt`` is always the last epoch's decoder (no
+    label-based selection).
+    """
+    device = resolve_device(config.device)
+    _check_dataset(dataset, num_classes)
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    identity = backbone_identity(backbone)
+    state = TrainState.create(identity["embed_dim"], num_classes, config, device)
+    report, files = ProgressHook(progress, log_fn, len(dataset)), FilesHook(Path(out_dir), identity)
+    hooks = (report, files)
+    files.resume(state, report.message)
+    for epoch in range(state.epoch, config.epochs):
+        tic, generator = time.perf_counter(), _seed_epoch(config.seed, epoch)
+        updated = is_teacher_update_epoch(epoch, config)
+        state.begin_epoch(epoch, updated)
+        bootstrapping = config.bootstrap and epoch >= config.bootstrap_start and state.has_teacher
+        alpha = peer_alpha(state.since_update, config) if bootstrapping else 0.0
+        order = torch.randperm(len(dataset), generator=generator)
+        for hook in hooks:
+            hook.before_epoch(state, epoch, updated)
+        stats = run_epoch(backbone, state, _loader(dataset, config, order, device),
+                          state.teacher if bootstrapping else None, alpha, generator, device, report)
+        row = {"epoch": epoch, **{k: round(v, 6) for k, v in stats.items()}, "alpha": alpha,
+               "teacher_update": int(updated), "seconds": round(time.perf_counter() - tic, 3)}
+        state.history.append(row)
+        state.epoch = epoch + 1
+        for hook in hooks:
+            hook.after_epoch(state, row)
+    for hook in hooks:
+        hook.after_train(state)
+    return files.model_path
+
+
+def run_epoch(backbone: nn.Module, state: TrainState, loader: DataLoader, teacher: nn.Module | None,
+              alpha: float, generator: torch.Generator, device: torch.device,
+              report: "ProgressHook") -> dict[str, float]:
+    """One pass over the data; returns image-weighted means of the loss terms."""
+    state.student.train()
+    sums, seen = dict.fromkeys(LOSS_TERMS, 0.0), 0
+    try:
+        for images, cams, _ in loader:
+            terms = train_step(backbone, state, images, cams, teacher, alpha, generator, device)
+            n = images.shape[0]
+            seen += n
+            for k, v in terms.items():
+                sums[k] += float(v) * n
+            report.after_step(n, float(terms["loss"]))
+    finally:
+        report.end_bar()
+    means = {k: v / max(seen, 1) for k, v in sums.items()}
+    if not math.isfinite(means["loss"]):
+        raise FloatingPointError(f"epoch {state.epoch}: loss is {means['loss']}; stopping "
+                                 f"(last.pt keeps epoch {state.epoch})")
+    return means
+
+
+def train_step(backbone: nn.Module, state: TrainState, images: Tensor, cams: Tensor, teacher: nn.Module | None,
+               alpha: float, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+    """Augment one batch, compute the loss terms, take one optimiser step; returns the terms.
+
+    images (B, 3, H, W) in [0, 1], cams (B, K, h, w) on the training size's patch grid.
+    """
+    config = state.config
+    images = images.to(device, non_blocking=True)
+    cams = cams.to(device, non_blocking=True).float()
+    with torch.no_grad():
+        images, cams = augment_batch(images, cams, config, int(backbone.patch_size), generator)
+    with autocast(device):
+        with torch.no_grad():
+            feats = backbone(images).patch
+        logits, class_emb = state.student(feats, return_class_embeddings=True)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(feats).float()
+    logits = logits.float()
+    if cams.shape[-2:] != logits.shape[-2:]:  # backbone grid differs from the crop's patch grid
+        cams = F.interpolate(cams, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        scores, target = pseudo_targets(normalize_cams(cams, config.cam_norm), teacher_logits, config.teacher_mix)
+    terms = {"ce": F.cross_entropy(logits, target), "uncertainty": uncertainty_loss(logits),
+             "diversity": diversity_loss(class_emb)}
+    loss = terms["ce"] + config.uncertainty_weight * terms["uncertainty"] + config.diversity_weight * terms["diversity"]
+    terms["peer"] = logits.new_zeros(())
+    if teacher is not None and alpha > 0:
+        terms["peer"] = peer_loss(logits, scores, alpha, generator)
+        loss = loss - terms["peer"]
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip_value > 0:
+        nn.utils.clip_grad_value_(state.student.parameters(), config.grad_clip_value)
+    state.optimizer.step()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+# ----------------------------------------------------------------------------- hooks
+class Hook:
+    """What `train_segmenter` calls; a hook overrides the points it needs."""
+
+    def before_epoch(self, state: TrainState, epoch: int, teacher_updated: bool) -> None: ...
+
+    def after_epoch(self, state: TrainState, row: dict[str, Any]) -> None: ...
+
+    def after_train(self, state: TrainState) -> None: ...
+
+
+class ProgressHook(Hook):
+    """A per-epoch bar (img/s, time left) on a terminal via `runtime.progress`; the epoch
+    summaries and events are printed either way, so logs get one line per epoch."""
+
+    def __init__(self, enabled: bool, log_fn: Callable[[str], None] | None, images: int) -> None:
+        self.enabled, self.log_fn, self.images = enabled, log_fn, images
+        self.bar = None
+
+    def message(self, msg: str) -> None:
+        if self.log_fn is not None:
+            self.log_fn(msg)
+        elif self.enabled:
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def before_epoch(self, state: TrainState, epoch: int, teacher_updated: bool) -> None:
+        if teacher_updated:
+            self.message(f"epoch {epoch}: teacher <- student, student <- initial weights")
+        self.bar = progress(total=self.images, desc=f"epoch {epoch + 1}/{state.config.epochs}",
+                            enabled=self.enabled)
+
+    def after_step(self, n: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def end_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def after_epoch(self, state: TrainState, row: dict[str, Any]) -> None:
+        self.message(
+            f"epoch {state.epoch}/{state.config.epochs} loss {row['loss']:.4f} ce {row['ce']:.4f} "
+            f"unc {row['uncertainty']:.4f} div {row['diversity']:.4f} peer {row['peer']:.4f} "
+            f"({row['seconds']:.1f} s, {self.images / max(row['seconds'], 1e-9):.1f} img/s)")
+
+
+class FilesHook(Hook):
+    """``last.pt`` and ``train_log.csv`` after every epoch, ``model.pt`` at the end."""
+
+    def __init__(self, out_dir: Path, identity: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.last_path, self.model_path, self.log_path = (out_dir / "last.pt", out_dir / "model.pt",
+                                                          out_dir / "train_log.csv")
+
+    def resume(self, state: TrainState, say: Callable[[str], None]) -> None:
+        """Load ``last.pt`` into ``state`` when it can be resumed; otherwise drop it and say why."""
+        if not self.last_path.exists():
+            return
+        ckpt, why = checkpoint_mismatch(self.last_path, state, self.identity)
+        if why:
+            say(f"train: not resuming {self.last_path} ({why}); starting over")
+            self.last_path.unlink()
+            return
+        state.load_state_dict(ckpt["state"])
+        say(f"resuming from {self.last_path} after epoch {state.epoch}/{state.config.epochs}")
+
+    def after_epoch(self, state: TrainState, row: dict[str, Any]) -> None:
+        save_checkpoint(self.last_path, state, self.identity)
+        self._write_log(state.history)
+
+    def after_train(self, state: TrainState) -> None:
+        self._write_log(state.history)
+        save_model(self.model_path, state, self.identity)
+
+    def _write_log(self, rows: list[dict[str, Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(LOG_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
+        atomic_write(self.log_path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_dataset(dataset: Dataset, num_classes: int) -> None:
+    if len(dataset) == 0:
+        raise ValueError("the training dataset is empty")
+    cam_channels = dataset[0][1].shape[0]
+    if cam_channels != num_classes:
+        raise ValueError(f"the CAMs have {cam_channels} channels but num_classes={num_classes}")
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed the global generator (dropout, loader workers) and return the epoch's own generator
+    (order, augmentation, peer permutation)."""
+    seed = epoch_seed(seed, epoch)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _loader(dataset: Dataset, config: TrainConfig, order: Tensor, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=order.tolist(),
+                      num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=False)

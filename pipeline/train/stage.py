@@ -1,0 +1,52 @@
+"""The `train` pipeline stage: the manifest's training split with its pseudo labels, into the loop."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.backbones import backbone_from_config
+from pipeline.config import Config
+from pipeline.data import Manifest
+from pipeline.files import fingerprint, write_json
+from pipeline.runtime import log
+from pipeline.store import CamReader, open_pseudolabels, read_h5_attrs
+from pipeline.train.data import PseudoLabelDataset
+from pipeline.train.loop import train_segmenter
+from pipeline.train.state import RESUMABLE_CHANGES
+
+
+def train_stage(config: Config) -> None:
+    """Stage `train`: the decoder on the frozen backbone, from the cached pseudo labels."""
+    manifest = Manifest.load(config.path("manifest"))
+    backbone = backbone_from_config(config.backbone)
+    labels_path = config.path("pseudolabels")
+    indices = manifest.indices(config.data.train_split)
+    with open_pseudolabels(labels_path, expected={"backbone": backbone.name,
+                                                  "weights_id": backbone.weights_id}) as handle:
+        labels_attrs = read_h5_attrs(handle)
+    train_config = config.train
+    if train_config.device == "auto":
+        train_config.device = config.backbone.device
+    model_dir = config.path("model").parent
+    forget_stale_checkpoint(model_dir, {
+        "pseudolabels": {k: labels_attrs.get(k) for k in ("concepts_hash", "params", "grid", "weights_id")},
+        "images": [manifest.records[i].id for i in indices],
+        "image_size": list(config.image_size),
+        "train": {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_CHANGES},
+    })
+    dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], config.image_size),
+                                 CamReader(labels_path, indices), len(indices))
+    train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir)
+
+
+def forget_stale_checkpoint(model_dir: Path, inputs: dict) -> None:
+    """`last.pt` persists between DVC runs so an interrupted training resumes; but when the
+    pseudo labels or images changed, resuming would continue a model fitted to old labels.
+    The inputs' fingerprint is kept beside it, and a checkpoint of other inputs is dropped."""
+    stamp, last = model_dir / "last.inputs.json", model_dir / "last.pt"
+    digest = fingerprint(inputs)
+    previous = json.loads(stamp.read_text()).get("fingerprint") if stamp.exists() else None
+    if last.exists() and previous != digest:
+        log(f"train: not resuming {last} (it was trained on other pseudo labels or images); starting over")
+        last.unlink()
+    write_json(stamp, {"fingerprint": digest})

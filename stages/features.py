@@ -1,5 +1,0 @@
-"""DVC stage `features`: reads params.yaml and runs pipeline job 'features' (see dvc.yaml for its outs)."""
-from stages._entry import run_stage
-
-if __name__ == "__main__":
-    run_stage("features")

@@ -1,5 +1,0 @@
-"""DVC stage `pseudolabels`: reads params.yaml and runs pipeline job 'pseudolabels' (see dvc.yaml for its outs)."""
-from stages._entry import run_stage
-
-if __name__ == "__main__":
-    run_stage("pseudolabels")
