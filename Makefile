@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
-# Stages run as `python -m stages.<name>` from dvc: put the venv first on PATH.
+# Each dvc.yaml stage runs `transfgu <stage>`: put the venv first on PATH.
 RUN := PATH="$(BIN):$$PATH"
 
 SETTING ?= demo

@@ -30,12 +30,12 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.backbones import Backbone, create_backbone, list_backbones
+from pipeline.backbones import BACKBONES, Backbone, create_backbone
 from pipeline.cam import attention_gradient_cam, compute_cams, compute_cams_loop, concept_loss
 
 
 def _resolve_arch(arch: str) -> str:
-    names = list_backbones()
+    names = BACKBONES.names()
     for candidate in (arch, f"{arch}.dino"):
         if candidate in names:
             return candidate

@@ -200,7 +200,7 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
         rows[name] = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                       "per_class_iou": result["per_class_iou"], "num_clusters": num_clusters[name],
                       "protocol": proto.name + ("+crf" if name in crf else ""), "matching": result["matching"],
-                      "confusion": result["confusion"]}
+                      "confusion": result["confusion"], "num_pixels": result["num_pixels"]}
         log(f"evaluate: {name:14s} mIoU {result['miou']:6.2f}  pixel accuracy {result['pixel_accuracy']:6.2f}")
     return rows
 
@@ -290,7 +290,7 @@ def evaluate_stage(config: Config) -> None:
                              protocol=config.evaluate.protocol,
                              crf=frozenset({"model"} if config.evaluate.crf else ()))
     metrics = {name: {key: row[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "num_clusters",
-                                                   "protocol")} for name, row in rows.items()}
+                                                   "protocol", "num_pixels")} for name, row in rows.items()}
     metrics["evaluation"] = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf,
                              "split": config.data.eval_split, "images": len(eval_indices),
                              "dataset": manifest.dataset, "model_selection": "last checkpoint (no labels used)"}

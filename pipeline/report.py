@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -27,6 +27,7 @@ from pipeline.files import atomic_write, commit, partial_path, remove
 from pipeline.runtime import log, progress
 
 ROWS = ("model", "pseudo_labels", "bottom_up")
+T = TypeVar("T")
 LOSS_COLUMNS = ("loss", "ce", "uncertainty", "diversity", "peer")
 
 
@@ -145,11 +146,18 @@ def _summary(art: Artifacts) -> str:
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
 
-def _metrics_section(art: Artifacts, page: _Page) -> None:
+def _read_or_note(page: _Page, title: str, anchor: str, read: Callable[[], T]) -> T | None:
+    """What ``read()`` returns, or None after the page's section says why it is missing."""
     try:
-        metrics = art.metrics
+        return read()
     except InputError as exc:
-        page.add("Metrics", "metrics", _missing(exc))
+        page.add(title, anchor, _missing(exc))
+        return None
+
+
+def _metrics_section(art: Artifacts, page: _Page) -> None:
+    metrics = _read_or_note(page, "Metrics", "metrics", lambda: art.metrics)
+    if metrics is None:
         return
     bars = plot_class_iou(metrics, page.folder / "per_class_iou.png")
     page.add("Metrics", "metrics", metrics_table(metrics))
@@ -174,10 +182,8 @@ def _confusion_section(art: Artifacts, page: _Page) -> None:
 
 
 def _training_section(art: Artifacts, page: _Page) -> None:
-    try:
-        columns = art.train_log
-    except InputError as exc:
-        page.add("Training curves", "training", _missing(exc))
+    columns = _read_or_note(page, "Training curves", "training", lambda: art.train_log)
+    if columns is None:
         return
     if not columns or not len(next(iter(columns.values()))):
         page.add("Training curves", "training", _missing(ValueError(f"{art.path('train_log')} has no rows")))

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from pipeline.backbones import (
     Backbone,
     BackboneOutput,
+    BACKBONES,
     create_backbone,
-    list_backbones,
-    register_backbone,
 )
 from pipeline.errors import InputError
 
@@ -35,9 +34,9 @@ def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_lists_every_documented_backbone() -> None:
-    assert set(DINO_NAMES + ["efficientnet_lite0", "vit_tiny_random"]) <= set(list_backbones())
+    assert set(DINO_NAMES + ["efficientnet_lite0", "vit_tiny_random"]) <= set(BACKBONES.names())
     with pytest.raises(ValueError, match="already registered"):
-        register_backbone("vit_tiny_random")(lambda weights=None, pretrained=True: None)
+        BACKBONES.register("vit_tiny_random", lambda weights=None, pretrained=True: None)
 
 
 def test_unknown_backbone_is_an_input_error() -> None:

@@ -11,7 +11,7 @@ from pipeline.cam import (
     compute_cams,
     compute_cams_loop,
     concept_loss,
-    list_cam_methods,
+    CAM_METHODS,
     normalize_cams,
     top_mass_mask,
 )
@@ -25,7 +25,7 @@ def _inputs(backbone: Backbone, b: int, h: int, w: int, k: int, seed: int = 0) -
 
 
 def test_cam_methods_registered() -> None:
-    assert {"attention_gradient", "gradcam"} <= set(list_cam_methods())
+    assert {"attention_gradient", "gradcam"} <= set(CAM_METHODS.names())
 
 
 @pytest.mark.parametrize("grad_scale", [1.0, 0.125])

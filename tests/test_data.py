@@ -14,16 +14,15 @@ import pytest
 from PIL import Image
 
 from pipeline.data import (
+    DATASETS,
     ImageRecord,
     Manifest,
     build_manifest,
     generate_synthetic,
     get_reader,
-    list_datasets,
     load_image,
     load_label,
     read_size,
-    register_dataset,
     resize_image,
     resize_label,
 )
@@ -210,7 +209,7 @@ class TestManifest:
         m = self.make()
         assert [r.id for r in m.split("val")] == ["b"]
         assert m.splits == ["train", "val"] and m.num_classes == 2 and len(m) == 2
-        with pytest.raises(ValueError, match="split 'test'.*train, val"):
+        with pytest.raises(InputError, match="split 'test'.*train, val"):
             m.split("test")
         assert m.resolve("b.png") == Path("/data/root/b.png")
         assert m.resolve("/x/a.png") == Path("/x/a.png")
@@ -227,13 +226,13 @@ class TestManifest:
 # ----------------------------------------------------------------------------- registry
 class TestRegistry:
     def test_all_readers_registered(self):
-        assert set(list_datasets()) >= {"synthetic", "camvid", "folder", "cocostuff27", "cocostuff171", "coco80",
+        assert set(DATASETS.names()) >= {"synthetic", "camvid", "folder", "cocostuff27", "cocostuff171", "coco80",
                                         "cityscapes27", "voc21", "lip5", "lip16", "lip19"}
 
     def test_unknown_dataset_and_option(self, tmp_path):
-        with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        with pytest.raises(InputError, match="unknown dataset 'nope'"):
             build_manifest("nope", tmp_path)
-        with pytest.raises(ValueError, match="unknown option.*colour.*accepted: splits"):
+        with pytest.raises(InputError, match="unknown option.*colour.*accepted: splits"):
             build_manifest("camvid", tmp_path, colour=True)
         with pytest.raises(InputError, match="does not exist"):
             build_manifest("camvid", tmp_path / "absent")
@@ -241,7 +240,7 @@ class TestRegistry:
     def test_register_custom_reader(self, tmp_path):
         save_image(tmp_path / "one.png")
 
-        @register_dataset("_test_custom")
+        @DATASETS.register("_test_custom")
         class Custom(DatasetReader):
             decoder = LabelDecoder("_test_custom")
 
@@ -252,9 +251,9 @@ class TestRegistry:
             m = build_manifest("_test_custom", tmp_path, tag="mine")
             assert m.records[0].split == "mine" and (m.records[0].height, m.records[0].width) == (12, 16)
             with pytest.raises(ValueError, match="already registered"):
-                register_dataset("_test_custom")(Custom)
+                DATASETS.register("_test_custom", Custom)
         finally:
-            readers_mod._REGISTRY.pop("_test_custom")
+            DATASETS._entries.pop("_test_custom")
             get_reader.cache_clear()
 
     def test_duplicate_ids_across_splits(self, tmp_path):

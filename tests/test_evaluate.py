@@ -5,38 +5,38 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import (BottomUp, dense_crf, get_protocol, label_in_protocol, list_protocols,
+from pipeline.evaluate import (PROTOCOLS, BottomUp, dense_crf, label_in_protocol,
                                score_to_prediction)
 from pipeline.store import create_feature_store
 
 
 def test_protocols_registered():
-    assert {"reference", "native", "stego"} <= set(list_protocols())
+    assert {"reference", "native", "stego"} <= set(PROTOCOLS.names())
     with pytest.raises(ValueError, match="unknown evaluation protocol 'x'"):
-        get_protocol("x")
+        PROTOCOLS.get("x")
 
 
 @pytest.mark.parametrize("name, expected", [("reference", (32, 48)), ("native", (60, 90)), ("stego", (320, 320))])
 def test_label_geometry_per_protocol(name, expected):
     label = np.zeros((60, 90), dtype=np.uint8)
-    assert label_in_protocol(label, (32, 48), get_protocol(name)).shape == expected
+    assert label_in_protocol(label, (32, 48), PROTOCOLS.get(name)).shape == expected
 
 
 def test_stego_crops_the_centre_after_shortest_side_320():
     label = np.zeros((100, 200), dtype=np.uint8)
     label[:, :50] = 1                      # left quarter: cut away by the centre crop
     label[:, 50:150] = 2
-    out = label_in_protocol(label, (32, 32), get_protocol("stego"))
+    out = label_in_protocol(label, (32, 32), PROTOCOLS.get("stego"))
     assert out.shape == (320, 320) and set(np.unique(out)) == {2}
 
 
 def test_scores_upsampled_to_the_protocol_size():
     scores = torch.zeros(2, 2, 3)
     scores[1, :, 2] = 1.0                  # right column -> cluster 1
-    pred = score_to_prediction(scores, (20, 30), (8, 12), get_protocol("reference"))
+    pred = score_to_prediction(scores, (20, 30), (8, 12), PROTOCOLS.get("reference"))
     assert pred.shape == (8, 12)
     assert (pred[:, :6] == 0).all() and (pred[:, -2:] == 1).all()
-    assert score_to_prediction(scores, (20, 30), (8, 12), get_protocol("native")).shape == (20, 30)
+    assert score_to_prediction(scores, (20, 30), (8, 12), PROTOCOLS.get("native")).shape == (20, 30)
 
 
 def test_bottom_up_recovers_two_feature_clusters(tmp_path):

@@ -92,19 +92,21 @@ def _fill_pseudolabels(cache: Path, manifest, grid: tuple[int, int]) -> None:
 
 def _train_and_evaluate(cache: Path, manifest, backbone) -> None:
     from pipeline.evaluate import ModelScores, cam_scores, evaluate_rows, plot_confusion
-    from pipeline.pseudolabels import image_batch
-    from pipeline.store import CamReader, open_pseudolabels, write_json
-    from pipeline.train import PseudoLabelDataset, TrainConfig, load_segmenter, train_segmenter
+    from pipeline.config import TrainConfig
+    from pipeline.files import write_json
+    from pipeline.store import CamReader, open_pseudolabels
+    from pipeline.train.data import PseudoLabelDataset
+    from pipeline.train.inference import load_segmenter
+    from pipeline.train.loop import train_segmenter
 
     train = [i for i, r in enumerate(manifest.records) if r.split == "train"]
     val = [i for i, r in enumerate(manifest.records) if r.split == "val"]
-    dataset = PseudoLabelDataset(lambda p: image_batch(manifest, [train[p]], SIZE)[0].permute(1, 2, 0)
-                                 .mul(255).round().byte().numpy(), CamReader(cache / "pseudolabels.h5", train),
+    dataset = PseudoLabelDataset(lambda p: manifest.image(train[p], SIZE), CamReader(cache / "pseudolabels.h5", train),
                                  len(train))
     config = TrainConfig(epochs=2, batch_size=3, num_workers=0, device="cpu", bootstrap_start=1, teacher_interval=1)
     train_segmenter(backbone, dataset, K, config, cache / "model", progress=False, log_fn=lambda _: None)
     model = load_segmenter(backbone, cache / "model" / "model.pt")
-    scores = ModelScores(model, lambda b: image_batch(manifest, b, SIZE), val, 4, torch.device("cpu"))
+    scores = ModelScores(model, lambda b: manifest.batch(b, SIZE), val, 4, torch.device("cpu"))
     with open_pseudolabels(cache / "pseudolabels.h5") as handle:
         rows = evaluate_rows(manifest, val, {"model": scores, "pseudo_labels": lambda i: cam_scores(handle, i)},
                              {"model": K, "pseudo_labels": K}, train_size=SIZE, protocol="reference",

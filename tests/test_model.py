@@ -1,30 +1,10 @@
 """MaskTransformerDecoder and Segmenter."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from torch import nn
 
 from pipeline.model import MaskTransformerDecoder, Segmenter, resolve_d_model
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in for pipeline.backbones.Backbone: a frozen stride-8 conv."""
-
-    def __init__(self, dim: int = 12, patch_size: int = 8) -> None:
-        super().__init__()
-        self.name, self.weights_id = "tiny", "random:0"
-        self.embed_dim, self.patch_size = dim, patch_size
-        self.conv = nn.Conv2d(3, dim, patch_size, stride=patch_size)
-        self.dropout = nn.Dropout(0.5)  # would make outputs random if the backbone left eval mode
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, x):
-        f = self.dropout(self.conv(x)).permute(0, 2, 3, 1)
-        return SimpleNamespace(patch=f, embedding=f.mean((1, 2)), saliency=f.norm(dim=-1), attention=None)
 
 
 def test_decoder_shapes_and_class_embeddings():
@@ -63,9 +43,9 @@ def test_d_model_resolution():
     assert dec(torch.randn(1, 2, 2, 10)).shape == (1, 3, 2, 2)
 
 
-def test_segmenter_backbone_frozen_and_eval():
+def test_segmenter_backbone_frozen_and_eval(tiny_backbone):
     torch.manual_seed(0)
-    bb = TinyBackbone()
+    bb = tiny_backbone(dim=12)
     model = Segmenter(bb, MaskTransformerDecoder(12, 4, n_heads=6)).train()
     assert not bb.training and model.decoder.training
     x = torch.rand(2, 3, 32, 48)
@@ -78,6 +58,6 @@ def test_segmenter_backbone_frozen_and_eval():
     assert torch.equal(model(x), model(x))
 
 
-def test_segmenter_rejects_width_mismatch():
+def test_segmenter_rejects_width_mismatch(tiny_backbone):
     with pytest.raises(ValueError, match="embed_dim"):
-        Segmenter(TinyBackbone(dim=12), MaskTransformerDecoder(24, 4, n_heads=6))
+        Segmenter(tiny_backbone(dim=12), MaskTransformerDecoder(24, 4, n_heads=6))

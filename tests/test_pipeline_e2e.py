@@ -14,6 +14,8 @@ import pytest
 import yaml
 import zarr
 
+from pipeline.settings import SETTINGS, merge_params
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -25,17 +27,10 @@ TINY = {
 }
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "k":
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # The copy's own code runs (not the installed checkout's): PYTHONPATH comes before the
+    # editable install on sys.path.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -46,13 +41,13 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def repo_copy(tmp_path_factory) -> Path:
     """Tracked files of the repo, a fresh git + the committed .dvc/, tiny params."""
     dest = tmp_path_factory.mktemp("repo")
-    for name in ["pipeline", "stages", "dvc.yaml", "params.yaml", ".dvc", ".gitignore", "pyproject.toml"]:
+    for name in ["pipeline", "dvc.yaml", "params.yaml", ".dvc", ".gitignore", "pyproject.toml"]:
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy2(src, dest / name)
-    params = _merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY)
+    params = merge_params(SETTINGS.get("demo").params(), TINY)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], dest)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
@@ -134,3 +129,29 @@ def test_single_stage_rerun(repo_copy):
     assert _stages_run(out) == {"concepts"}, out
     metrics = _run(["dvc", "metrics", "show"], repo_copy).stdout
     assert "model.miou" in metrics
+
+
+def _changed_stages(repo: Path) -> set[str]:
+    """Stage names `dvc status` lists (lines `name:` at column 0)."""
+    out = _run(["dvc", "status"], repo).stdout
+    return {line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith((" ", "\t"))}
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("pipeline/report.py", {"report"}),
+    ("pipeline/data/images.py", {"prepare", "evaluate", "report"}),
+])
+def test_editing_code_marks_exactly_the_stages_that_import_it(repo_copy, path, expected):
+    assert _changed_stages(repo_copy) == set()
+    source = repo_copy / path
+    original = source.read_text()
+    source.write_text(original + "# an edit\n")
+    try:
+        changed = _changed_stages(repo_copy)
+    finally:
+        source.write_text(original)
+    if path == "pipeline/report.py":
+        assert changed == expected, changed
+    else:
+        assert expected <= changed, changed
+    assert _changed_stages(repo_copy) == set()

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import get_reader
-from pipeline.settings import PAPER, get_setting, list_settings, write_params
-from pipeline.train import TrainConfig
+from pipeline.config import TrainConfig
+from pipeline.settings import PAPER, SETTINGS, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROWS = ["cocostuff27", "cocostuff171", "coco80", "cityscapes27", "voc21", "lip5", "lip16", "lip19"]
@@ -19,20 +19,20 @@ PAPER_ROWS = ["cocostuff27", "cocostuff171", "coco80", "cityscapes27", "voc21", 
 
 def test_committed_params_yaml_is_the_demo_setting():
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert committed == get_setting("demo").params(), "params.yaml drifted: run `transfgu settings use demo`"
+    assert committed == SETTINGS.get("demo").params(), "params.yaml drifted: run `transfgu settings use demo`"
 
 
 def test_every_paper_row_and_the_cpu_settings_exist():
-    names = [s.name for s in list_settings()]
+    names = SETTINGS.names()
     assert set(PAPER_ROWS + ["camvid", "demo"]) <= set(names)
 
 
-@pytest.mark.parametrize("name", PAPER_ROWS + ["camvid", "demo"])
+@pytest.mark.parametrize("name", SETTINGS.names())
 def test_setting_is_a_valid_params_file(tmp_path, name):
     path = write_params(name, tmp_path / "params.yaml", data_root="/data/x")
     config = load_config(path)
     assert config.setting == name and config.data.root == "/data/x"
-    TrainConfig.from_dict(config.train)             # every train key is a TrainConfig field
+    assert isinstance(config.train, TrainConfig)    # every train key is a TrainConfig field
     get_reader(config.data.dataset)                 # the reader exists
     assert set(config.concepts.k) <= set(config.features.pools)   # every pool clustered is embedded
 
@@ -44,7 +44,7 @@ def test_every_parameter_is_spelled_out(name):
 
     from pipeline.config import Config
 
-    params = get_setting(name).params()
+    params = SETTINGS.get(name).params()
     for section in dataclasses.fields(Config):
         if section.name in ("setting", "cache"):
             continue
@@ -58,10 +58,10 @@ def test_paper_hyperparameters_from_method_md():
     assert PAPER["backbone"]["name"] == "vit_small_patch8_224.dino"
     assert PAPER["features"]["crop_fractions"] == [0.5, 0.4, 0.3, 0.2]
     assert PAPER["train"]["uncertainty_weight"] == 0.3 and PAPER["train"]["weight_decay"] == 5e-4
-    assert get_setting("cityscapes27").params()["train"]["lr"] == 5e-5
-    assert get_setting("cocostuff171").params()["train"]["teacher_interval"] == [3, 3, 3, 2]
-    assert get_setting("voc21").params()["features"]["crop_fractions"] == [0.6, 0.5, 0.4, 0.3]
-    assert get_setting("coco80").params()["pseudolabels"]["background"] is True
+    assert SETTINGS.get("cityscapes27").params()["train"]["lr"] == 5e-5
+    assert SETTINGS.get("cocostuff171").params()["train"]["teacher_interval"] == [3, 3, 3, 2]
+    assert SETTINGS.get("voc21").params()["features"]["crop_fractions"] == [0.6, 0.5, 0.4, 0.3]
+    assert SETTINGS.get("coco80").params()["pseudolabels"]["background"] is True
 
 
 def test_settings_cli_lists_and_writes(tmp_path):
@@ -72,6 +72,6 @@ def test_settings_cli_lists_and_writes(tmp_path):
     out = tmp_path / "p.yaml"
     written = runner.invoke(main, ["settings", "use", "camvid", "--data-root", "/x", "--params", str(out)])
     assert written.exit_code == 0, written.output
-    assert yaml.safe_load(out.read_text())["data"] == {**get_setting("camvid").params()["data"], "root": "/x"}
+    assert yaml.safe_load(out.read_text())["data"] == {**SETTINGS.get("camvid").params()["data"], "root": "/x"}
     unknown = runner.invoke(main, ["settings", "use", "nope"])
     assert unknown.exit_code != 0 and "unknown setting 'nope'" in unknown.output

@@ -8,11 +8,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.settings import get_setting
+from pipeline.settings import SETTINGS
 
 
 def _params(tmp_path: Path, **sections) -> Path:
-    params = get_setting("demo").params()
+    params = SETTINGS.get("demo").params()
     params["cache"] = str(tmp_path / "cache")
     params["synthetic"].update({"out": str(tmp_path / "data"), "n_train": 4, "n_val": 2, "size": [64, 64]})
     params["data"]["root"] = str(tmp_path / "data")

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import InputError, ProvenanceError
-from pipeline.store import (ShardLog, check_provenance, commit, create_feature_store, features_as_dask,
-                            open_features, partial_path, shards)
+from pipeline.files import commit, partial_path
+from pipeline.store import ShardLog, check_provenance, create_feature_store, features_as_dask, open_features, shards
 
 
 def test_params_yaml_of_the_repo_parses():
@@ -16,10 +16,22 @@ def test_params_yaml_of_the_repo_parses():
     assert config.features.image_size == [224, 224]
 
 
-def test_unknown_key_is_an_error_naming_the_file(tmp_path):
+@pytest.mark.parametrize("section, typo, meant, value", [
+    ("features", "image_sise", "image_size", "[224, 224]"),
+    ("train", "epohcs", "epochs", "3"),          # train is typed like every other section
+])
+def test_unknown_key_is_an_error_naming_the_file_and_the_key_meant(tmp_path, section, typo, meant, value):
     path = tmp_path / "params.yaml"
-    path.write_text("features:\n  image_sise: [224, 224]\n")
-    with pytest.raises(InputError, match=r"params.yaml: unknown key\(s\) in 'features': image_sise"):
+    path.write_text(f"{section}:\n  {typo}: {value}\n")
+    with pytest.raises(InputError, match=rf"params.yaml: unknown key\(s\) in '{section}': '{typo}' "
+                                         rf"\(did you mean '{meant}'\?\)"):
+        load_config(path)
+
+
+def test_invalid_train_value_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  cam_norm: sample\n")
+    with pytest.raises(InputError, match=r"params.yaml: 'train': cam_norm must be one of image, concept"):
         load_config(path)
 
 
@@ -27,7 +39,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  epochs: 3\n")
     config = load_config(path, ["train.epochs=5", "features.image_size=[64, 96]", "concepts.k={all: 3}"])
-    assert config.train["epochs"] == 5
+    assert config.train.epochs == 5
     assert config.features.image_size == [64, 96]
     assert config.concepts.k == {"all": 3}
 
@@ -92,14 +104,14 @@ def test_missing_feature_store_says_what_to_run(tmp_path):
 
 
 def test_stale_training_checkpoint_is_dropped_when_inputs_change(tmp_path):
-    from pipeline.jobs import _forget_stale_checkpoint
+    from pipeline.train.stage import forget_stale_checkpoint
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     last = model_dir / "last.pt"
-    _forget_stale_checkpoint(model_dir, {"labels": "a"})
+    forget_stale_checkpoint(model_dir, {"labels": "a"})
     last.write_bytes(b"checkpoint")
-    _forget_stale_checkpoint(model_dir, {"labels": "a"})      # same inputs: resume from it
+    forget_stale_checkpoint(model_dir, {"labels": "a"})      # same inputs: resume from it
     assert last.exists()
-    _forget_stale_checkpoint(model_dir, {"labels": "b"})      # new pseudo labels: start over
+    forget_stale_checkpoint(model_dir, {"labels": "b"})      # new pseudo labels: start over
     assert not last.exists()

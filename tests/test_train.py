@@ -2,58 +2,25 @@
 from __future__ import annotations
 
 import csv
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.cam import normalize_cams
+from pipeline.config import TrainConfig
 from pipeline.model import MaskTransformerDecoder
-from pipeline.train import (
-    PseudoLabelDataset,
-    TrainConfig,
-    augment_batch,
-    crop_and_resize,
-    diversity_loss,
-    is_teacher_update_epoch,
-    load_segmenter,
-    normalise_cams,
-    peer_alpha,
-    photometric_augment,
-    predict_logits,
-    pseudo_targets,
-    sample_crop_boxes,
-    teacher_interval_at,
-    teacher_update,
-    teacher_update_epochs,
-    train_segmenter,
-    uncertainty_loss,
-)
+from pipeline.train.augment import augment_batch, crop_and_resize, photometric_augment, sample_crop_boxes
+from pipeline.train.data import PseudoLabelDataset
+from pipeline.train.inference import load_segmenter, predict_logits
+from pipeline.train.loop import train_segmenter
+from pipeline.train.losses import diversity_loss, pseudo_targets, uncertainty_loss
+from pipeline.train.schedule import (is_teacher_update_epoch, peer_alpha, teacher_interval_at,
+                                     teacher_update_epochs)
+from pipeline.train.state import teacher_update
 
 PATCH = 8
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in for pipeline.backbones.Backbone: a frozen stride-8 conv with a fixed init."""
-
-    def __init__(self, dim: int = 24, patch_size: int = PATCH) -> None:
-        super().__init__()
-        self.name, self.weights_id = "tiny", "random:0"
-        self.embed_dim, self.patch_size = dim, patch_size
-        g = torch.Generator().manual_seed(123)
-        self.conv = nn.Conv2d(3, dim, patch_size, stride=patch_size)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) / patch_size)
-            self.conv.bias.zero_()
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, x):
-        f = self.conv(x).permute(0, 2, 3, 1)
-        return SimpleNamespace(patch=f, embedding=f.mean((1, 2)), saliency=f.norm(dim=-1), attention=None)
 
 
 def colour_block_data(n: int, size: int = 64, seed: int = 0):
@@ -95,9 +62,7 @@ def test_config_defaults_and_parsing():
     assert (cfg.peer_alpha_start, cfg.peer_alpha_end) == (0.03, 0.10)
     assert TrainConfig(teacher_interval="3,3,3,2").teacher_interval == [3, 3, 3, 2]
     assert TrainConfig(teacher_interval=[4]).teacher_interval == 4
-    assert TrainConfig.from_dict({"crop_scale": [0.5, 0.8]}).crop_scale == (0.5, 0.8)
-    with pytest.raises(ValueError, match="unknown"):
-        TrainConfig.from_dict({"learning_rate": 1.0})
+    assert TrainConfig(crop_scale=[0.5, 0.8]).crop_scale == (0.5, 0.8)
     with pytest.raises(ValueError):
         TrainConfig(crop_scale=(0.9, 0.4))
 
@@ -218,9 +183,9 @@ def test_cam_normalisation_and_targets():
     cams = torch.zeros(1, 2, 1, 2)
     cams[0, 0] = torch.tensor([[2.0, 1.0]])
     cams[0, 1] = torch.tensor([[0.0, 0.5]])
-    sample = normalise_cams(cams, "sample")  # one min/max over both channels: 0 .. 2
+    sample = normalize_cams(cams, "image")  # one min/max over both channels: 0 .. 2
     assert torch.allclose(sample[0, :, 0, 1], torch.tensor([0.5, 0.25]))
-    channel = normalise_cams(cams, "channel")  # each channel to 0 .. 1
+    channel = normalize_cams(cams, "concept")  # each channel to 0 .. 1
     assert torch.allclose(channel[0, :, 0, 1], torch.tensor([0.0, 1.0]))
     _, target = pseudo_targets(sample)
     assert target.tolist() == [[[0, 0]]]
@@ -233,11 +198,11 @@ def test_cam_normalisation_and_targets():
 # --------------------------------------------------------------------------- training runs
 
 
-def test_training_learns_a_trivial_mapping(tmp_path):
+def test_training_learns_a_trivial_mapping(tmp_path, tiny_backbone):
     images, cams, _ = colour_block_data(96, seed=0)
     cfg = fast_config(epochs=3, batch_size=8)
     lines: list[str] = []
-    model_path = train_segmenter(TinyBackbone(), make_dataset(images, cams), 3, cfg, tmp_path, log_fn=lines.append)
+    model_path = train_segmenter(tiny_backbone(), make_dataset(images, cams), 3, cfg, tmp_path, log_fn=lines.append)
     assert model_path == tmp_path / "model.pt" and (tmp_path / "last.pt").exists()
     rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
@@ -245,7 +210,7 @@ def test_training_learns_a_trivial_mapping(tmp_path):
     assert len([l for l in lines if l.startswith("epoch")]) == 3
 
     test_images, _, test_labels = colour_block_data(16, seed=1)
-    model = load_segmenter(TinyBackbone(), model_path)
+    model = load_segmenter(tiny_backbone(), model_path)
     x = torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255
     logits = predict_logits(model, x)
     assert logits.shape == (16, 3, 8, 8) and logits.dtype == torch.float32
@@ -253,7 +218,7 @@ def test_training_learns_a_trivial_mapping(tmp_path):
     assert accuracy > 0.8, accuracy  # chance is 1/3
 
 
-def test_resume_equals_straight_run_and_schedule(tmp_path):
+def test_resume_equals_straight_run_and_schedule(tmp_path, tiny_backbone):
     images, cams, _ = colour_block_data(24, seed=2)
     ds = make_dataset(images, cams)
     # bootstrapping from epoch 1 with a teacher update every epoch; photometric aug on
@@ -261,17 +226,17 @@ def test_resume_equals_straight_run_and_schedule(tmp_path):
                blur_p=0.3, decoder_dropout=0.1)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     log_a: list[str] = []
-    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=3, **cfg), straight, log_fn=log_a.append)
+    train_segmenter(tiny_backbone(), ds, 3, fast_config(epochs=3, **cfg), straight, log_fn=log_a.append)
 
-    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=2, **cfg), resumed, log_fn=lambda s: None)
-    after_two = torch.load(resumed / "last.pt", weights_only=True)
+    train_segmenter(tiny_backbone(), ds, 3, fast_config(epochs=2, **cfg), resumed, log_fn=lambda s: None)
+    after_two = torch.load(resumed / "last.pt", weights_only=True)["state"]
     assert after_two["epoch"] == 2
     log_b: list[str] = []
-    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=3, **cfg), resumed, log_fn=log_b.append)
+    train_segmenter(tiny_backbone(), ds, 3, fast_config(epochs=3, **cfg), resumed, log_fn=log_b.append)
     assert any(l.startswith("resuming") for l in log_b)
 
-    a = torch.load(straight / "last.pt", weights_only=True)
-    b = torch.load(resumed / "last.pt", weights_only=True)
+    a = torch.load(straight / "last.pt", weights_only=True)["state"]
+    b = torch.load(resumed / "last.pt", weights_only=True)["state"]
     for part in ("student", "teacher", "initial"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
@@ -290,13 +255,34 @@ def test_resume_equals_straight_run_and_schedule(tmp_path):
         assert torch.equal(m["decoder"][k], b["student"][k])
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
+def test_checkpoint_resumed_only_when_it_reaches_the_clean_result(tmp_path, tiny_backbone):
     images, cams, _ = colour_block_data(8, seed=3)
     ds = make_dataset(images, cams)
-    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=1), tmp_path, log_fn=lambda s: None)
-    with pytest.raises(InputError, match="lr"):
-        train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=2, lr=5e-4), tmp_path, log_fn=lambda s: None)
-    # already finished: nothing to train, model.pt rewritten
+    fresh = tmp_path / "fresh"
+    train_segmenter(tiny_backbone(), ds, 3, fast_config(epochs=1, lr=5e-4), fresh, log_fn=lambda s: None)
+
+    def run(**overrides) -> list[str]:
+        lines: list[str] = []
+        train_segmenter(tiny_backbone(), ds, 3, fast_config(**overrides), tmp_path, log_fn=lines.append)
+        return lines
+
+    run(epochs=2)
+    # another lr: the checkpoint cannot reach that run's result, so training starts over and says why
+    lines = run(epochs=1, lr=5e-4)
+    assert [l for l in lines if "starting over" in l] == [l for l in lines if "not resuming" in l and "lr:" in l]
+    assert len([l for l in lines if "starting over" in l]) == 1
+    # fewer epochs than the checkpoint has done: start over too, to exactly the clean 1-epoch run
+    run(epochs=2, lr=5e-4)
+    lines = run(epochs=1, lr=5e-4)
+    assert any("more than epochs=1" in l and "starting over" in l for l in lines), lines
+    a = torch.load(fresh / "model.pt", weights_only=True)["decoder"]
+    b = torch.load(tmp_path / "model.pt", weights_only=True)["decoder"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # already finished, only num_workers differs: nothing to train, model.pt rewritten
     (tmp_path / "model.pt").unlink()
-    train_segmenter(TinyBackbone(), ds, 3, fast_config(epochs=1, num_workers=0), tmp_path, log_fn=lambda s: None)
-    assert (tmp_path / "model.pt").exists()
+    lines = run(epochs=1, lr=5e-4, num_workers=1)
+    assert any(l.startswith("resuming") for l in lines) and (tmp_path / "model.pt").exists()
+    # a damaged checkpoint is not resumed either
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    lines = run(epochs=1, lr=5e-4)
+    assert any("unreadable" in l and "starting over" in l for l in lines), lines

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.settings import get_setting
+from pipeline.settings import SETTINGS
 
 STAGES = ("synthesize", "prepare", "features", "concepts", "pseudolabels", "train", "evaluate")
 
@@ -18,7 +18,7 @@ STAGES = ("synthesize", "prepare", "features", "concepts", "pseudolabels", "trai
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vit")
-    params = get_setting("demo").params()
+    params = SETTINGS.get("demo").params()
     params["cache"] = str(tmp / "cache")
     params["synthetic"].update({"out": str(tmp / "data"), "n_train": 8, "n_val": 4, "size": [64, 64]})
     params["data"]["root"] = str(tmp / "data")
@@ -52,10 +52,14 @@ def test_native_protocol_recorded_and_other_protocols_rerun(run):
     tmp, path = run
     metrics = json.loads((tmp / "cache" / "metrics.json").read_text())
     assert metrics["evaluation"]["protocol"] == "native"
+    assert metrics["model"]["num_pixels"] == 4 * 64 * 64          # 4 val labels scored at their own 64x64
     assert {metrics[row]["num_clusters"] for row in ("model", "pseudo_labels", "bottom_up")} == {4}
     result = CliRunner().invoke(main, ["evaluate", "--params", str(path), "--set", "evaluate.protocol=stego"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp / "cache" / "metrics.json").read_text())
     assert metrics["model"]["protocol"] == "stego"
-    assert 0 <= metrics["model"]["miou"] <= 100
+    assert metrics["model"]["num_pixels"] == 4 * 320 * 320        # shortest side to 320, centre crop 320x320
+    for row in ("model", "pseudo_labels", "bottom_up"):           # mIoU = mean of the defined class IoUs
+        ious = [v for v in metrics[row]["per_class_iou"].values() if v is not None]
+        assert metrics[row]["miou"] == pytest.approx(sum(ious) / len(ious))

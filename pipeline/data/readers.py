@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+import functools
 from functools import cached_property, lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -164,7 +165,7 @@ class DatasetReader(ABC):
 
 
 # name -> reader class or zero-argument factory returning a reader
-DATASETS: Registry[Callable[[], DatasetReader]] = Registry("dataset reader", param="data.dataset")
+DATASETS: Registry[Callable[[], DatasetReader]] = Registry("dataset", param="data.dataset")
 
 
 @lru_cache(maxsize=None)
@@ -650,19 +651,8 @@ class CocoStuffReader(DatasetReader):
                                "(it is not shipped with this package)")
 
 
-@DATASETS.register("cocostuff27")
-def _cocostuff27() -> CocoStuffReader:
-    return CocoStuffReader("27")
-
-
-@DATASETS.register("cocostuff171")
-def _cocostuff171() -> CocoStuffReader:
-    return CocoStuffReader("171")
-
-
-@DATASETS.register("coco80")
-def _coco80() -> CocoStuffReader:
-    return CocoStuffReader("80")
+for _name, _variant in (("cocostuff27", "27"), ("cocostuff171", "171"), ("coco80", "80")):
+    DATASETS.register(_name, functools.partial(CocoStuffReader, _variant))
 
 
 # ============================================================================ Cityscapes
@@ -814,16 +804,5 @@ class LipReader(DatasetReader):
         return Scan(entries, list(self.class_names))
 
 
-@DATASETS.register("lip5")
-def _lip5() -> LipReader:
-    return LipReader("5")
-
-
-@DATASETS.register("lip16")
-def _lip16() -> LipReader:
-    return LipReader("16")
-
-
-@DATASETS.register("lip19")
-def _lip19() -> LipReader:
-    return LipReader("19")
+for _variant in ("5", "16", "19"):
+    DATASETS.register(f"lip{_variant}", functools.partial(LipReader, _variant))
