@@ -72,9 +72,10 @@ def datasets_command() -> None:
 def metrics_command(cache_dir: str) -> None:
     """The evaluation rows of cache/metrics.json as a short table (dvc metrics show has them all)."""
     import json
-    from pathlib import Path
 
-    path = Path(cache_dir) / "metrics.json"
+    from pipeline.layout import artifact_path
+
+    path = artifact_path(cache_dir, "metrics")
     if not path.exists():
         raise click.ClickException(f"{path}: not found; run the evaluate stage first (dvc repro)")
     metrics = json.loads(path.read_text())

@@ -16,7 +16,6 @@ from typing import Callable, TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from pipeline.artifacts import Artifacts, open_artifacts
 from pipeline.errors import InputError, ProvenanceError
@@ -24,11 +23,12 @@ from pipeline.inspection import (palette, plot_concept_gallery, plot_concept_pro
                               plot_predictions, plot_pseudolabels, save_figure)
 from pipeline.config import Config
 from pipeline.files import atomic_write, commit, partial_path, remove
+from pipeline.layout import artifact_path
 from pipeline.runtime import log, progress
+from pipeline.train.curves import plot_training_curves
 
 ROWS = ("model", "pseudo_labels", "bottom_up")
 T = TypeVar("T")
-LOSS_COLUMNS = ("loss", "ce", "uncertainty", "diversity", "peer")
 
 
 @dataclass
@@ -101,30 +101,6 @@ def plot_class_iou(metrics: dict, path: Path) -> Path:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("per-class IoU after Hungarian matching", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_training_curves(log_columns: dict[str, np.ndarray], path: Path) -> Path:
-    """Loss terms per epoch (teacher updates dotted) and seconds per epoch."""
-    epoch = log_columns.get("epoch", np.arange(len(next(iter(log_columns.values()), []))))
-    fig = Figure(figsize=(10, 3.6))
-    loss_ax, time_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
-    for name in LOSS_COLUMNS:
-        if name in log_columns and np.isfinite(log_columns[name]).any():
-            loss_ax.plot(epoch, log_columns[name], marker="o", markersize=3, label=name)
-    for e in epoch[log_columns.get("teacher_update", np.zeros(len(epoch))) > 0]:
-        loss_ax.axvline(e, color="grey", linestyle=":", linewidth=1)
-    for ax in (loss_ax, time_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    loss_ax.set_xlabel("epoch")
-    loss_ax.set_title("training losses (dotted: teacher update)", fontsize=10)
-    loss_ax.legend(fontsize=8)
-    loss_ax.grid(alpha=0.3)
-    if "seconds" in log_columns:
-        time_ax.bar(epoch, log_columns["seconds"], color="#888")
-    time_ax.set_xlabel("epoch")
-    time_ax.set_title("seconds per epoch", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -270,7 +246,7 @@ def build_report(cache_dir: str | Path = "cache", out_dir: str | Path | None = N
     """Write `out_dir/index.html` (default `<cache>/report/`) with its PNGs beside it; returns its path."""
     options = options or ReportOptions()
     cache_dir = Path(cache_dir)
-    out_dir = Path(out_dir) if out_dir else cache_dir / "report"
+    out_dir = Path(out_dir) if out_dir else artifact_path(cache_dir, "report")
     partial = partial_path(out_dir)
     remove(partial)
     partial.mkdir(parents=True)
