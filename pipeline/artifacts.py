@@ -15,7 +15,6 @@ manifest, the feature store and the pseudo labels share the same image order.
 """
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,20 +370,9 @@ class Artifacts:
     @property
     def train_log(self) -> dict[str, np.ndarray]:
         """cache/model/train_log.csv as columns (epoch, loss, ce, ...) of float arrays."""
-        path = self.path("train_log")
-        if not path.exists():
-            raise InputError(path, "training log not found; run the train stage first")
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        names = list(rows[0]) if rows else []
-        return {name: np.array([_float(r.get(name)) for r in rows]) for name in names}
+        from pipeline.train.curves import read_train_log
 
-
-def _float(value: str | None) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
+        return read_train_log(self.path("train_log"))
 
 
 def open_artifacts(cache_dir: str | Path = "cache", *, weights: str | None = None,

@@ -36,6 +36,7 @@ ARTIFACTS: dict[str, Artifact] = {
     "pseudolabels": Artifact("pseudolabels.h5", "CAM per image per concept, hard labels"),
     "model": Artifact("model/model.pt", "the trained decoder"),
     "train_log": Artifact("model/train_log.csv", "loss terms per epoch"),
+    "train_curves": Artifact("model/train_curves.png", "loss terms per epoch, drawn"),
     # Persisted between runs (DVC would delete it before `train` runs) so that an
     # interrupted training resumes; not cached: it is a means, not a result.
     "checkpoint": Artifact("model/last.pt", "resumable training state", {"cache": False, "persist": True}),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
@@ -35,12 +36,70 @@ def autocast(device: "torch.device") -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+LOG_EVERY_SECONDS = 30.0     # how often a long stage says where it is when stderr is a log file
+
+
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "img", enabled: bool = True) -> Iterator[T] | tqdm:
-    """A tqdm bar with rate and time left on a terminal; silent when stderr is a log file
-    (DVC's output stays readable), where stages print one summary line instead."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
+             unit: str = "img", enabled: bool = True) -> "Iterator[T] | tqdm | LogProgress":
+    """Progress of a long loop: a tqdm bar with rate and time left on a terminal; in a log
+    file (CI, `make demo > log`, DVC's captured output) one line every LOG_EVERY_SECONDS
+    with the same figures, so a stage is never silent for minutes. ``enabled=False`` is silent."""
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(iterable, total=total, desc=desc, unit=unit)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+
+
+class LogProgress:
+    """The part of tqdm's interface the stages use, writing a plain line to stderr at most
+    every ``every`` seconds (and one at the end of a loop that logged before)."""
+
+    disable = True      # callers that print around a live bar print directly instead
+
+    def __init__(self, iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
+                 unit: str = "img", every: float | None = None, clock=time.monotonic) -> None:
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.every = LOG_EVERY_SECONDS if every is None else every
+        self.clock = clock
+        self.n, self.postfix, self.logged = 0, "", False
+        self.start = self.last = clock()
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> "LogProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.clock() - self.last >= self.every:
+            self._line()
+
+    def set_postfix(self, refresh: bool = True, **values: object) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, message: str) -> None:
+        log(message)
+
+    def close(self) -> None:
+        if self.logged and self.n:     # short loops stay silent; their stage prints a summary
+            self._line()
+            self.logged = False
+
+    def _line(self) -> None:
+        now = self.clock()
+        rate = self.n / max(now - self.start, 1e-9)
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        left = f", {(self.total - self.n) / rate:.0f} s left" if self.total and rate > 0 else ""
+        log(f"{self.desc}: {done} {self.unit} ({rate:.1f} {self.unit}/s{left})"
+            + (f" {self.postfix}" if self.postfix else ""))
+        self.last, self.logged = now, True
 
 
 def log(message: str) -> None:

@@ -95,7 +95,7 @@ _declare(Stage(
 _declare(Stage(
     "train", "Train the mask-transformer decoder on the frozen backbone from the pseudo labels.",
     "pipeline.train.stage:train_stage", params=("backbone", "features.image_size", "data.train_split", "train"),
-    inputs=("manifest", "pseudolabels"), outputs=("model", "train_log", "checkpoint")))
+    inputs=("manifest", "pseudolabels"), outputs=("model", "train_log", "train_curves", "checkpoint")))
 _declare(Stage(
     "evaluate", "Score the model, the pseudo labels and the bottom-up baseline on the evaluation split.",
     "pipeline.evaluate:evaluate_stage",
@@ -108,10 +108,10 @@ _declare(Stage(
     inputs=("manifest", "features", "concepts", "pseudolabels", "model", "train_log", "metrics", "plots"),
     outputs=("report",)))
 
-# `dvc plots show` draws these (dvc_plots/index.html).
+# `dvc plots show` shows these (dvc_plots/index.html). PNGs only: dvc draws data plots with
+# Vega loaded from a CDN, which never renders offline.
 PLOTS = [
-    {"Training losses per epoch": {"x": "epoch", "y": {
-        f"{CACHE_DIR}/{ARTIFACTS['train_log'].path}": ["loss", "ce", "uncertainty", "diversity", "peer"]}}},
+    f"{CACHE_DIR}/{ARTIFACTS['train_curves'].path}",
     *[f"{CACHE_DIR}/{ARTIFACTS['plots'].path}/confusion_{row}.png" for row in ("model", "pseudo_labels", "bottom_up")],
 ]
 
@@ -139,9 +139,12 @@ def _is_type_checking(node: ast.If) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imported_modules(path: Path, module: str) -> set[str]:
-    """Project modules that ``path`` (module ``module``) imports anywhere in its body,
+def imported_modules(module: str) -> set[str]:
+    """Project modules that project module ``module`` imports anywhere in its body,
     function-level imports included, ``if TYPE_CHECKING:`` blocks excluded."""
+    path = _module_file(module)
+    if path is None:
+        raise KeyError(f"{module} is not a module of this project")
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
@@ -182,7 +185,7 @@ def import_closure(module: str) -> tuple[str, ...]:
             if name in seen or _module_file(name) is None:
                 continue
             seen.add(name)
-            todo.extend(_imported_modules(_module_file(name), name))
+            todo.extend(imported_modules(name))
     return tuple(sorted(seen))
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.layout import ARTIFACTS
-from pipeline.stages import PROJECT_ROOT, STAGES, code_dependencies, dvc_yaml
+from pipeline.stages import PROJECT_ROOT, STAGES, code_dependencies, dvc_yaml, imported_modules
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,24 @@ def test_computed_dependencies_cover_what_python_actually_imports(stage):
         path = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
         files.add(path.relative_to(PROJECT_ROOT).as_posix())
     assert files <= _deps(stage), sorted(files - _deps(stage))
+
+
+def test_no_import_cycles_in_the_project():
+    modules = {".".join(p.relative_to(PROJECT_ROOT).with_suffix("").parts).removesuffix(".__init__")
+               for p in (PROJECT_ROOT / "pipeline").rglob("*.py")}
+    edges = {m: imported_modules(m) - {m} for m in modules}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges.get(module, ())):
+            assert state.get(target) != "open", f"import cycle: {' -> '.join(path + [module, target])}"
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = "done"
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [])
+    assert "pipeline.data.readers" in edges["pipeline.data.images"] or \
+        "pipeline.data.images" in edges["pipeline.data.readers"]     # the graph is really read

@@ -10,12 +10,6 @@ from pipeline.files import commit, partial_path
 from pipeline.store import ShardLog, check_provenance, create_feature_store, features_as_dask, open_features, shards
 
 
-def test_params_yaml_of_the_repo_parses():
-    config = load_config("params.yaml")
-    assert config.data.dataset == "synthetic"
-    assert config.features.image_size == [224, 224]
-
-
 @pytest.mark.parametrize("section, typo, meant, value", [
     ("features", "image_sise", "image_size", "[224, 224]"),
     ("train", "epohcs", "epochs", "3"),          # train is typed like every other section

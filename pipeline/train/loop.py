@@ -23,12 +23,12 @@ from pipeline.config import TrainConfig
 from pipeline.files import atomic_write
 from pipeline.runtime import autocast, progress, resolve_device
 from pipeline.train.augment import augment_batch
+from pipeline.train.curves import LOSS_TERMS
 from pipeline.train.losses import diversity_loss, peer_loss, pseudo_targets, uncertainty_loss
 from pipeline.train.schedule import epoch_seed, is_teacher_update_epoch, peer_alpha
 from pipeline.train.state import (TrainState, backbone_identity, checkpoint_mismatch, save_checkpoint,
                                   save_model)
 
-LOSS_TERMS = ("loss", "ce", "uncertainty", "diversity", "peer")
 LOG_COLUMNS = ("epoch", *LOSS_TERMS, "alpha", "teacher_update", "seconds")
 
 

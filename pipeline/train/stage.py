@@ -10,6 +10,7 @@ from pipeline.data import Manifest
 from pipeline.files import fingerprint, write_json
 from pipeline.runtime import log
 from pipeline.store import CamReader, open_pseudolabels, read_h5_attrs
+from pipeline.train.curves import plot_training_curves, read_train_log
 from pipeline.train.data import PseudoLabelDataset
 from pipeline.train.loop import train_segmenter
 from pipeline.train.state import RESUMABLE_CHANGES
@@ -37,6 +38,7 @@ def train_stage(config: Config) -> None:
     dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], config.image_size),
                                  CamReader(labels_path, indices), len(indices))
     train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir)
+    plot_training_curves(read_train_log(config.path("train_log")), config.path("train_curves"))
 
 
 def forget_stale_checkpoint(model_dir: Path, inputs: dict) -> None:

@@ -1,0 +1,27 @@
+"""Progress in logs: a long loop says where it is at a fixed interval when stderr is not a terminal."""
+from __future__ import annotations
+
+from pipeline.runtime import LogProgress, progress
+
+
+def test_log_progress_prints_a_line_per_interval_with_rate_and_time_left(capsys):
+    now = [0.0]
+    bar = LogProgress(total=100, desc="features", every=30, clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 10
+        bar.update(10)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["features: 30/100 img (1.0 img/s, 70 s left)", "features: 60/100 img (1.0 img/s, 40 s left)",
+                     "features: 90/100 img (1.0 img/s, 10 s left)", "features: 100/100 img (1.0 img/s, 0 s left)"]
+
+
+def test_short_loops_stay_silent_and_iteration_passes_items_through(capsys):
+    assert list(LogProgress(range(5), desc="quick", every=30)) == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_in_a_log_file_is_the_log_progress(capsys):
+    # pytest captures stderr, so it is not a terminal here, as under DVC or `make demo > log`
+    assert isinstance(progress(total=3, desc="x"), LogProgress)
+    assert progress(total=3, desc="x", enabled=False).disable
