@@ -80,6 +80,11 @@ def metrics_command(cache_dir: str) -> None:
         raise click.ClickException(f"{path}: not found; run the evaluate stage first (dvc repro)")
     metrics = json.loads(path.read_text())
     info = metrics.get("evaluation", {})
+    if info.get("skipped"):
+        shares = metrics.get("model", {}).get("cluster_share", [])
+        click.echo(f"no scores: {info['skipped']}")
+        click.echo("model clusters, share of pixels: " + ", ".join(f"{c}: {100 * v:.1f}%" for c, v in enumerate(shares)))
+        return
     click.echo(f"{info.get('dataset', '?')} / {info.get('split', '?')} ({info.get('images', '?')} images), "
                f"protocol {info.get('protocol', '?')}{' + CRF' if info.get('crf') else ''}")
     click.echo(f"{'row':15s} {'mIoU':>7s} {'pixel acc.':>11s} {'clusters':>9s}")
@@ -87,6 +92,30 @@ def metrics_command(cache_dir: str) -> None:
         if row in metrics:
             m = metrics[row]
             click.echo(f"{row:15s} {m['miou']:7.2f} {m['pixel_accuracy']:11.2f} {m.get('num_clusters', '?'):>9}")
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, metavar="DIR_OR_IMAGES...")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for <name>.png (cluster ids), <name>_overlay.jpg and clusters.json.")
+@click.option("--cache", "cache_dir", default="cache", show_default=True, type=click.Path(file_okay=False),
+              help="The run whose trained model predicts.")
+@click.option("--weights", default=None, help="Backbone weights file (default: the run's backbone.weights).")
+@click.option("--recursive", is_flag=True, help="Also the images in subfolders of a folder.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def predict_command(inputs: tuple[str, ...], out_dir: str, cache_dir: str, weights: str | None, recursive: bool,
+                    device: str) -> None:
+    """Segment any images with the trained model: label PNGs and colour overlays."""
+    from pipeline.artifacts import open_artifacts
+    from pipeline.predict import collect_images, predict_images
+    from pipeline.runtime import resolve_device
+
+    try:
+        images = collect_images(inputs, recursive=recursive)
+        with open_artifacts(cache_dir, weights=weights, device=str(resolve_device(device))) as art:
+            predict_images(art, images, out_dir)
+    except (InputError, ProvenanceError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command("protocols")

@@ -265,35 +265,64 @@ def plot_confusion(row: dict, class_names: list[str], path: str | Path, title: s
     return Path(path)
 
 
+def cluster_shares(scores: Callable[[int], torch.Tensor], indices: list[int], k: int) -> list[float]:
+    """Share of the patch-grid pixels of ``indices`` that each of the ``k`` clusters wins (argmax)."""
+    counts = np.zeros(k, dtype=np.int64)
+    for i in indices:
+        counts += np.bincount(scores(i).argmax(0).flatten().numpy(), minlength=k)[:k]
+    return [round(float(c), 6) for c in counts / max(int(counts.sum()), 1)]
+
+
 def evaluate_stage(config: Config) -> None:
-    """Stage `evaluate`: the model, pseudo_labels and bottom_up rows over the evaluation split."""
+    """Stage `evaluate`: the model, pseudo_labels and bottom_up rows over the labelled images of
+    the evaluation split. Without labels the rows are skipped with the reason, and what the
+    model predicts is summarised (each cluster's share of the pixels)."""
     manifest = Manifest.load(config.path("manifest"))
     device = resolve_device(config.backbone.device)
     size = config.image_size
-    eval_indices = manifest.indices(config.data.eval_split)
-    train_indices = np.asarray(manifest.indices(config.data.train_split))
+    split = config.data.eval_split
+    eval_indices = manifest.indices(split)
+    labelled = [i for i in eval_indices if manifest.records[i].label is not None] if manifest.num_classes else []
+    scored = labelled or eval_indices
 
     model = load_segmenter(backbone_from_config(config.backbone), config.path("model"))
-    model_scores = ModelScores(model, lambda batch: manifest.batch(batch, size), eval_indices,
+    model_scores = ModelScores(model, lambda batch: manifest.batch(batch, size), scored,
                                config.evaluate.batch_size, device)
+    info = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf, "split": split,
+            "images": len(labelled), "dataset": manifest.dataset,
+            "model_selection": "last checkpoint (no labels used)"}
+    if not labelled:
+        reason = (f"no labels in split '{split}' of the {manifest.dataset} dataset at {manifest.root}: "
+                  f"mIoU and pixel accuracy need ground truth")
+        metrics = {"model": {"num_clusters": model_scores.num_clusters,
+                             "cluster_share": cluster_shares(model_scores, scored, model_scores.num_clusters)},
+                   "evaluation": {**info, "skipped": reason}}
+        config.path("plots").mkdir(parents=True, exist_ok=True)
+        write_json(config.path("matching"), {})
+        write_json(config.path("metrics"), metrics)
+        log(f"evaluate: rows model, pseudo_labels, bottom_up skipped ({reason}); the model's predictions: "
+            f"cache/report/index.html, `transfgu inspect predictions`, `transfgu predict`")
+        return
+    if len(labelled) < len(eval_indices):
+        log(f"evaluate: {len(eval_indices) - len(labelled)} of {len(eval_indices)} images of split '{split}' "
+            f"have no label; scoring the {len(labelled)} that have one")
     store = open_features_of(config)
     with open_pseudolabels(config.path("pseudolabels")) as handle:
         k = int(read_h5_attrs(handle)["num_concepts"])
-        bottom_up = BottomUp(store, train_indices, k, seed=config.evaluate.bottom_up_seed)
+        bottom_up = BottomUp(store, np.asarray(manifest.indices(config.data.train_split)), k,
+                             seed=config.evaluate.bottom_up_seed)
         sources = {
             "model": model_scores,
             "pseudo_labels": lambda i: cam_scores(handle, i),
             "bottom_up": lambda i: bottom_up.scores(store["patch"][i]),
         }
         clusters = {"model": model_scores.num_clusters, "pseudo_labels": k, "bottom_up": k}
-        rows = evaluate_rows(manifest, eval_indices, sources, clusters, train_size=size,
+        rows = evaluate_rows(manifest, labelled, sources, clusters, train_size=size,
                              protocol=config.evaluate.protocol,
                              crf=frozenset({"model"} if config.evaluate.crf else ()))
     metrics = {name: {key: row[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "num_clusters",
                                                    "protocol", "num_pixels")} for name, row in rows.items()}
-    metrics["evaluation"] = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf,
-                             "split": config.data.eval_split, "images": len(eval_indices),
-                             "dataset": manifest.dataset, "model_selection": "last checkpoint (no labels used)"}
+    metrics["evaluation"] = info
     plots = config.path("plots")
     for name, row in rows.items():
         plot_confusion(row, manifest.class_names, plots / f"confusion_{name}.png", name)

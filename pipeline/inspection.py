@@ -313,32 +313,40 @@ def plot_predictions(art: Artifacts, indices: Sequence[int], out_dir: str | Path
                      with_model: bool | None = None, max_side: int = MAX_SIDE,
                      show_progress: bool = True) -> list[Path]:
     """Per image: image | ground truth | pseudo label | model prediction, in matched class colours
-    with a legend of class names. One PNG each."""
+    with a legend of class names; for a dataset without labels: image | pseudo label | model
+    prediction in concept colours (one colour per cluster). One PNG each."""
     if with_model is None:
         with_model = art.has("model")
     manifest = art.manifest
-    colours = palette(len(manifest.class_names))
     shown, labels, maps = {}, {}, {}
     for index in progress(indices, desc="inspect predictions", enabled=show_progress):
         image = _shown_image(art, index, max_side)
-        size = image.shape[:2]
-        label = art.label(index)
+        label = art.label(index) if manifest.num_classes else None
         shown[index] = image
-        labels[index] = None if label is None else upsample_nearest(label, size)
-        maps[index] = _prediction_maps(art, index, size, with_model)
-    matching, how = resolve_matching(art, maps, labels)
+        labels[index] = None if label is None else upsample_nearest(label, image.shape[:2])
+        maps[index] = _prediction_maps(art, index, image.shape[:2], with_model)
+    if manifest.num_classes:
+        matching, how = resolve_matching(art, maps, labels)
+        names = list(manifest.class_names)
+    else:   # nothing to match against: each cluster keeps its own colour
+        k = max(int(per[row].max()) + 1 for per in maps.values() for row in per)
+        k = max(k, int(art.pseudolabel_attrs.get("num_concepts", k)))
+        matching = {row: np.arange(k) for per in maps.values() for row in per}
+        pools = art.pseudolabel_attrs.get("concept_pools") or [""] * k
+        names = [f"concept {c}" + (f" ({pools[c]})" if c < len(pools) and pools[c] else "") for c in range(k)]
+        how = "concept colours (no labels to match clusters to classes)"
+    colours = palette(len(names))
     titles = {"pseudo_labels": "pseudo label", "model": "model prediction"}
     paths = []
     for index in indices:
         image, label = shown[index], labels[index]
         panels = [("image", image, None)]
-        panels.append(("ground truth", None if label is None else blend(image, colourise(label, colours)), label))
-        class_maps = {}
+        if manifest.num_classes:
+            panels.append(("ground truth", None if label is None else blend(image, colourise(label, colours)), label))
         for row, clusters in maps[index].items():
             lut = matching[row]
             lut = np.concatenate([lut, np.full(max(0, int(clusters.max()) + 1 - len(lut)), -1)])
             classes = lut[clusters]
-            class_maps[row] = classes
             rgb = colourise(classes, colours)
             rgb[classes < 0] = UNMATCHED_COLOUR
             panels.append((titles[row], blend(image, rgb), classes))
@@ -352,8 +360,7 @@ def plot_predictions(art: Artifacts, indices: Sequence[int], out_dir: str | Path
             _axis(ax, title)
         axes[0].set_title(f"{art.image_ids[index]} (#{index})", fontsize=9)
         present = sorted({int(c) for _, _, ids in panels[1:] if ids is not None for c in np.unique(ids)})
-        handles = [Patch(color=colours[c] / 255.0, label=manifest.class_names[c])
-                   for c in present if 0 <= c < len(manifest.class_names)]
+        handles = [Patch(color=colours[c] / 255.0, label=names[c]) for c in present if 0 <= c < len(names)]
         if any(c < 0 for c in present):
             handles.append(Patch(color=np.array(UNMATCHED_COLOUR) / 255.0, label="unmatched cluster"))
         if manifest.ignore_index in present:

@@ -108,7 +108,8 @@ def plot_class_iou(metrics: dict, path: Path) -> Path:
 def _summary(art: Artifacts) -> str:
     manifest = art.manifest
     counts = {s: sum(r.split == s for r in manifest.records) for s in manifest.splits}
-    items = [f"dataset <b>{html.escape(manifest.dataset)}</b>, {len(manifest.class_names)} classes, "
+    classes = f"{manifest.num_classes} classes" if manifest.num_classes else "no labels"
+    items = [f"dataset <b>{html.escape(manifest.dataset)}</b>, {classes}, "
              + ", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) + " images"]
     if art.has("features"):
         attrs = art.feature_attrs
@@ -135,6 +136,13 @@ def _metrics_section(art: Artifacts, page: _Page) -> None:
     metrics = _read_or_note(page, "Metrics", "metrics", lambda: art.metrics)
     if metrics is None:
         return
+    skipped = metrics.get("evaluation", {}).get("skipped")
+    if skipped:
+        shares = metrics.get("model", {}).get("cluster_share", [])
+        page.add("Metrics", "metrics", f'<p class="missing">No scores: {html.escape(skipped)}.</p>'
+                 "<p>Share of the pixels each model cluster wins: "
+                 + ", ".join(f"{c}: {100 * v:.1f}%" for c, v in enumerate(shares)) + "</p>")
+        return
     bars = plot_class_iou(metrics, page.folder / "per_class_iou.png")
     page.add("Metrics", "metrics", metrics_table(metrics))
     page.add("Per-class IoU", "per-class-iou", page.img(bars, "per-class IoU bars", "wide"))
@@ -144,8 +152,9 @@ def _confusion_section(art: Artifacts, page: _Page) -> None:
     found = [art.path("plots") / f"confusion_{row}.png" for row in ROWS]
     found = [p for p in found if p.exists()]
     if not found:
-        page.add("Confusion matrices", "confusion",
-                 _missing(InputError(art.path("plots"), "no confusion_*.png; run the evaluate stage")))
+        if not (art.has("metrics") and art.metrics.get("evaluation", {}).get("skipped")):
+            page.add("Confusion matrices", "confusion",
+                     _missing(InputError(art.path("plots"), "no confusion_*.png; run the evaluate stage")))
         return
     figures = []
     for src in found:
@@ -212,7 +221,8 @@ def _samples_section(art: Artifacts, page: _Page, options: ReportOptions) -> Non
     features = plot_features(art, chosen, folder / "features") if art.has("features") else []
     where = f"split {html.escape(split)}" if split else "all images"
     body = [f"<p>{len(chosen)} images drawn from {where} (seed {options.seed}).</p>",
-            "<h3>Image | ground truth | pseudo label | model prediction</h3>", *notes,
+            "<h3>Image | ground truth | pseudo label | model prediction</h3>" if art.manifest.num_classes
+            else "<h3>Image | pseudo label | model prediction (concept colours: no labels)</h3>", *notes,
             *(f"<figure>{page.img(p, p.stem, 'wide')}</figure>" for p in predictions),
             "<h3>Concept CAMs</h3>", f"<figure>{page.img(cams, cams.stem, 'wide')}</figure>"]
     if features:

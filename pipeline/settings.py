@@ -82,33 +82,48 @@ def write_params(name: str, path: str | Path = "params.yaml", data_root: str | N
 
 
 # ----------------------------------------------------------------------------- CPU settings
-register_setting(Setting(
-    "demo", "synthetic scenes, offline EfficientNet-Lite0, sized for 2 CPU cores (~5 min)",
-    {
-        "data": {"dataset": "synthetic", "root": "data/synthetic"},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
-        "features": {"image_size": [224, 224], "concept_scale": 1.0, "crop_fractions": [0.5, 0.3],
-                     "crop_size": 96, "chunk_images": 32},
-        "concepts": {"k": {"thing": 3, "stuff": 4}},
-        "pseudolabels": {"batch_size": 16},
-        "train": {"epochs": 12, "lr": 1.0e-4, "batch_size": 16, "bootstrap_start": 4, "teacher_interval": 4,
-                  "num_workers": 2},
-        "evaluate": {"batch_size": 16},
-    }))
+# What the three 2-core settings share: the offline backbone and CPU-sized batches.
+_CPU = {
+    "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
+    "features": {"crop_size": 96, "chunk_images": 32},
+    "pseudolabels": {"batch_size": 16},
+    "train": {"lr": 1.0e-4, "batch_size": 16, "num_workers": 2},
+    "evaluate": {"batch_size": 16},
+}
+
+
+def _cpu(overrides: dict) -> dict:
+    return merge_params(copy.deepcopy(_CPU), overrides)
+
 
 register_setting(Setting(
-    "camvid", "CamVid 11 classes (SegNet layout), offline EfficientNet-Lite0, sized for 2 CPU cores",
-    {
+    "demo", "synthetic scenes, offline EfficientNet-Lite0, sized for 2 CPU cores (~5 min)", _cpu({
+        "data": {"dataset": "synthetic", "root": "data/synthetic"},
+        "features": {"image_size": [224, 224], "concept_scale": 1.0, "crop_fractions": [0.5, 0.3]},
+        "concepts": {"k": {"thing": 3, "stuff": 4}},
+        "train": {"epochs": 12, "bootstrap_start": 4, "teacher_interval": 4},
+    })))
+
+register_setting(Setting(
+    "camvid", "CamVid 11 classes (SegNet layout), offline EfficientNet-Lite0, sized for 2 CPU cores", _cpu({
         "data": {"dataset": "camvid", "root": "../shared/data/camvid"},
-        "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
         "features": {"image_size": [240, 320], "concept_scale": 2.0, "crop_fractions": [0.5, 0.4, 0.3],
-                     "crop_size": 96, "pools": ["all"], "chunk_images": 32},
+                     "pools": ["all"]},
         "concepts": {"k": {"all": 11}},
-        "pseudolabels": {"batch_size": 16},
-        "train": {"epochs": 30, "lr": 1.0e-4, "batch_size": 16, "bootstrap_start": 10, "teacher_interval": 10,
-                  "num_workers": 2},
-        "evaluate": {"batch_size": 16},
-    }))
+        "train": {"epochs": 30, "bootstrap_start": 10, "teacher_interval": 10},
+    })))
+
+# Your own images: every image of the folder is both the training and the evaluation split
+# (no labels needed: evaluation rows that need labels are skipped, the model still predicts).
+register_setting(Setting(
+    "folder", "a folder of your own images, no labels needed (--data-root DIR), offline EfficientNet-Lite0, "
+              "2 CPU cores", _cpu({
+        "data": {"dataset": "folder", "root": "data/images", "train_split": "train", "eval_split": "train"},
+        "features": {"image_size": [224, 224], "concept_scale": 1.0, "crop_fractions": [0.5, 0.3],
+                     "pools": ["all"]},
+        "concepts": {"k": {"all": 8}},
+        "train": {"epochs": 12, "bootstrap_start": 4, "teacher_interval": 4},
+    })))
 
 # ----------------------------------------------------------------------------- the paper's rows
 register_setting(Setting("cocostuff27", "COCO-Stuff 27 classes, 12 thing + 15 stuff concepts", {},

@@ -75,7 +75,7 @@ def _declare(stage: Stage) -> None:
 
 _declare(Stage(
     "synthesize", "Generate the deterministic synthetic demo dataset (images, labels, splits).",
-    "pipeline.data.synthetic:synthesize_stage", params=("synthetic",), data_outputs=("${synthetic.out}",)))
+    "pipeline.data.synthetic:synthesize_stage", params=("synthetic", "data.dataset"), data_outputs=("${synthetic.out}",)))
 _declare(Stage(
     "prepare", "Check the dataset's layout and write the manifest (one row per image).",
     "pipeline.data.readers:prepare_stage", params=("data",), outputs=("manifest",),

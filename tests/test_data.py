@@ -283,9 +283,9 @@ class TestSynthetic:
         assert all((r.height, r.width) == (64, 80) for r in m.records)
         seen = set()
         for r in m.records:
-            lbl = load_label(r.label, "synthetic", len(m.class_names), (r.height, r.width))
+            lbl = load_label(m.resolve(r.label), "synthetic", len(m.class_names), (r.height, r.width))
             seen |= set(np.unique(lbl).tolist())
-            assert load_image(r.image).shape == (64, 80, 3)
+            assert load_image(m.resolve(r.image)).shape == (64, 80, 3)
         assert len(seen) >= 5  # stuff and thing classes both show up
 
     def test_val_images_do_not_depend_on_train_count(self, tmp_path):
@@ -339,8 +339,9 @@ class TestCamVid:
         assert [(r.split, r.id) for r in m.records] == [("train", "0001TP_000010"), ("train", "0001TP_000020"),
                                                        ("val", "0016E5_000030")]
         r = m.records[0]
-        assert r.image == str(tmp_path / "train" / "0001TP_000010.png") and (r.height, r.width) == (9, 12)
-        lbl = load_label(r.label, "camvid", 11, (9, 12))
+        assert r.image == "train/0001TP_000010.png" and (r.height, r.width) == (9, 12)   # relative to root
+        assert m.resolve(r.image) == tmp_path / "train" / "0001TP_000010.png"
+        lbl = load_label(m.resolve(r.label), "camvid", 11, (9, 12))
         assert set(np.unique(lbl)) == {0, 5, 10, 255}  # 11 = void -> ignore
 
     def test_without_list_files(self, tmp_path):
@@ -377,9 +378,9 @@ class TestCamVid:
         assert len(m.split("train")) == 367 and len(m.split("val")) == 101
         assert all((r.height, r.width) == (360, 480) for r in m.records)
         r = m.split("val")[0]
-        lbl = load_label(r.label, "camvid", 11, (r.height, r.width))
+        lbl = load_label(m.resolve(r.label), "camvid", 11, (r.height, r.width))
         assert lbl.shape == (360, 480) and set(np.unique(lbl).tolist()) <= set(range(11)) | {255}
-        assert load_image(r.image).shape == (360, 480, 3)
+        assert load_image(m.resolve(r.image)).shape == (360, 480, 3)
 
 
 # ----------------------------------------------------------------------------- folder
@@ -394,7 +395,7 @@ class TestFolder:
         assert m.class_names == ["cat", "dog", "bird"]
         assert [(r.id, r.split) for r in m.records] == [("a", "train"), ("b", "train"), ("c", "train")]
         assert m.records[2].label is None and m.records[0].label.endswith("labels/a.png")
-        assert set(np.unique(load_label(m.records[0].label, "folder", 3, (10, 14)))) == {0, 2}
+        assert set(np.unique(load_label(m.resolve(m.records[0].label), "folder", 3, (10, 14)))) == {0, 2}
 
     def test_plain_folder_split_lists_and_inferred_classes(self, tmp_path):
         for i, stem in enumerate(["x1", "x2", "x3"]):
@@ -455,7 +456,7 @@ class TestCocoStuff:
         assert [(r.split, r.id) for r in m.records] == [("train", i) for i in COCO_IDS["train2017"]] + \
                                                       [("val", i) for i in COCO_IDS["val2017"]]
         r = m.records[0]
-        assert set(np.unique(load_label(r.label, dataset, n_classes, (8, 10))).tolist()) == expected
+        assert set(np.unique(load_label(m.resolve(r.label), dataset, n_classes, (8, 10))).tolist()) == expected
 
     def test_class_names(self):
         assert get_reader("cocostuff27").class_names[9] == "person"
@@ -525,7 +526,7 @@ class TestCityscapes:
         assert [r.id for r in m.split("val")] == ["frankfurt_000000_000010", "frankfurt_000000_000011"]
         r = m.records[0]
         assert r.label.endswith("gtFine/train/aachen/aachen_000000_000010_gtFine_labelIds.png")
-        lbl = load_label(r.label, "cityscapes27", 27, (8, 16))
+        lbl = load_label(m.resolve(r.label), "cityscapes27", 27, (8, 16))
         assert set(np.unique(lbl)) == {0, 19, 26, 255}  # 0..6 void, 7 road, 26 car, 33 bicycle
 
     def test_missing_gt(self, tmp_path):
@@ -559,8 +560,8 @@ class TestVoc:
         assert len(m.class_names) == 21 and m.class_names[15] == "person"
         assert [len(m.split(s)) for s in ("train", "val")] == [2, 1]
         r = m.split("val")[0]
-        assert Image.open(r.label).mode == "P"
-        assert set(np.unique(load_label(r.label, "voc21", 21, (10, 12)))) == {0, 15, 20, 255}
+        assert Image.open(m.resolve(r.label)).mode == "P"
+        assert set(np.unique(load_label(m.resolve(r.label), "voc21", 21, (10, 12)))) == {0, 15, 20, 255}
 
     def test_colour_coded_labels(self, tmp_path):
         idx = label_with([0, 1, 15, 255])
@@ -606,7 +607,7 @@ class TestLip:
         assert [r.id for r in m.split("val")] == ["100_val", "200_val"]
         r = m.records[0]
         assert (r.height, r.width) == (16, 8)
-        assert set(np.unique(load_label(r.label, dataset, n_classes, (16, 8))).tolist()) == expected
+        assert set(np.unique(load_label(m.resolve(r.label), dataset, n_classes, (16, 8))).tolist()) == expected
 
     def test_flat_layout_without_id_lists(self, tmp_path):
         make_lip(tmp_path, official=False)
@@ -619,3 +620,16 @@ class TestLip:
             build_manifest("lip5", tmp_path, splits="train")
         assert "LIP train label folder not found" in problem(exc)
         assert "TrainVal_parsing_annotations/train_segmentations/" in problem(exc)
+
+
+def test_manifest_does_not_change_when_the_project_moves(tmp_path, monkeypatch):
+    """Paths relative to the data root as given: a moved or re-cloned project reruns nothing."""
+    manifests = []
+    for place in ("here", "moved"):
+        generate_synthetic(tmp_path / place / "data", n_train=2, n_val=1, size=(32, 32))
+        monkeypatch.chdir(tmp_path / place)
+        manifests.append(build_manifest("synthetic", "data"))
+    assert manifests[0].to_dict() == manifests[1].to_dict()
+    record = manifests[1].records[0]
+    assert record.image == "images/train_00000.png" and manifests[1].root == "data"
+    assert load_image(manifests[1].resolve(record.image)).shape == (32, 32, 3)

@@ -1,6 +1,8 @@
 """`dvc repro` end to end on a tiny synthetic configuration, in a temporary copy of the repo."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -155,3 +157,21 @@ def test_editing_code_marks_exactly_the_stages_that_import_it(repo_copy, path, e
     else:
         assert expected <= changed, changed
     assert _changed_stages(repo_copy) == set()
+
+
+def test_readme_parameter_changes_after_a_run(repo_copy):
+    """The README's examples right after a run: fewer epochs than the checkpoint has done
+    cannot resume, so training starts over (one line says why) and gives the clean result."""
+    out = _run(["transfgu", "train", "--set", "train.epochs=2"], repo_copy)
+    assert "not resuming" in out.stdout + out.stderr and "starting over" in out.stdout + out.stderr
+    log = (repo_copy / "cache" / "model" / "train_log.csv").read_text().splitlines()
+    assert len(log) == 1 + 2
+
+    out = _run(["dvc", "exp", "run", "-S", "train.epochs=3"], repo_copy).stdout
+    assert _stages_run(out) == {"train", "evaluate", "report"}, out
+    log = (repo_copy / "cache" / "model" / "train_log.csv").read_text().splitlines()
+    assert len(log) == 1 + 3
+    # `dvc exp show` compares the runs: the experiment has its parameter and its metrics
+    rows = list(csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], repo_copy).stdout)))
+    experiment = [r for r in rows if r["typ"].startswith("branch")][-1]
+    assert experiment["train.epochs"] == "3" and 0 < float(experiment["model.miou"]) <= 100, experiment

@@ -218,10 +218,10 @@ def build_manifest(dataset: str, root: str | Path, **options: Any) -> Manifest:
     if unknown:
         raise InputError(None, f"unknown option(s) {', '.join(unknown)} for dataset '{dataset}' (data.options) "
                          f"(accepted: {', '.join(accepted) or 'none'})")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise InputError(root, f"dataset folder for '{dataset}' does not exist")
-    root = root.resolve()
+    given = Path(root).expanduser()
+    if not given.is_dir():
+        raise InputError(given, f"dataset folder for '{dataset}' does not exist")
+    root = given.resolve()
     scan = reader.scan(root, **options)
     if not scan.entries:
         raise InputError(root, f"no images found for dataset '{dataset}'")
@@ -235,11 +235,13 @@ def build_manifest(dataset: str, root: str | Path, **options: Any) -> Manifest:
         if entry.label is not None and label_sizes[entry.id] != (height, width):
             lh, lw = label_sizes[entry.id]
             raise InputError(entry.label, f"label is {lh}x{lw} (HxW) but its image {entry.image} is {height}x{width}")
-        records.append(ImageRecord(id=entry.id, split=entry.split, image=str(entry.image),
-                                   label=str(entry.label) if entry.label is not None else None,
+        # Paths relative to the root as given (relative to the project for data/...): the
+        # manifest, and so every stage after it, stays the same when the project moves.
+        records.append(ImageRecord(id=entry.id, split=entry.split, image=_rel(root, entry.image),
+                                   label=_rel(root, entry.label) if entry.label is not None else None,
                                    height=height, width=width))
     return Manifest(dataset=dataset, class_names=list(scan.class_names), ignore_index=IGNORE_INDEX,
-                    records=records, root=str(root), options={**_jsonable(options), **scan.info})
+                    records=records, root=given.as_posix(), options={**_jsonable(options), **scan.info})
 
 
 def prepare_stage(config: Config) -> None:
@@ -253,7 +255,10 @@ def prepare_stage(config: Config) -> None:
                                                f"the {config.data.dataset} reader found: {', '.join(manifest.splits)}")
     manifest.save(config.path("manifest"))
     counts = {s: sum(r.split == s for r in manifest.records) for s in manifest.splits}
-    log(f"prepare: {config.data.dataset} at {config.data.root}: {counts}, {manifest.num_classes} classes")
+    labelled = sum(r.label is not None for r in manifest.records)
+    labels = (f"{manifest.num_classes} classes, {labelled} labelled images" if labelled else
+              "no labels (fine for training; the evaluate stage will skip the rows that need ground truth)")
+    log(f"prepare: {config.data.dataset} at {config.data.root}: {counts}, {labels}")
 
 
 # ============================================================================ shared helpers

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import Config
 from pipeline.errors import InputError
-from pipeline.files import commit, partial_path, remove
+from pipeline.files import atomic_write, commit, partial_path, remove
 from pipeline.runtime import log
 
 GENERATOR_VERSION = 1
@@ -232,9 +232,13 @@ def render_scene(rng: np.random.Generator, grid: Grid) -> tuple[np.ndarray, np.n
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8), labels
 
 
+NOT_GENERATED = "NOT_GENERATED.txt"      # the only file of a synthesize output for another dataset
+
+
 def _looks_generated(folder: Path) -> bool:
-    """An earlier output of this generator, or an empty folder: safe to replace."""
-    return ((folder / "classes.txt").is_file() and (folder / "images").is_dir()) or not any(folder.iterdir())
+    """An earlier output of this generator (scenes or placeholder), or an empty folder: safe to replace."""
+    return (((folder / "classes.txt").is_file() and (folder / "images").is_dir())
+            or [p.name for p in folder.iterdir()] in ([], [NOT_GENERATED]))
 
 
 def generate_synthetic(out_dir: str | Path, n_train: int, n_val: int, size: tuple[int, int] = (224, 224),
@@ -275,7 +279,20 @@ def generate_synthetic(out_dir: str | Path, n_train: int, n_val: int, size: tupl
 
 
 def synthesize_stage(config: Config) -> None:
-    """Stage `synthesize`: the deterministic demo dataset at `synthetic.out`."""
+    """Stage `synthesize`: the deterministic demo dataset at `synthetic.out`, only when it is the
+    dataset in use (`data.dataset: synthetic`); otherwise a placeholder folder saying so (DVC
+    needs the stage's output to exist)."""
     cfg = config.synthetic
+    if config.data.dataset != "synthetic":
+        out = Path(cfg.out)
+        if out.exists() and not (out.is_dir() and _looks_generated(out)):
+            raise InputError(out, "exists and is not a synthetic dataset folder; refusing to overwrite it")
+        tmp = partial_path(out)
+        remove(tmp)
+        atomic_write(tmp / NOT_GENERATED, f"The synthetic demo scenes are generated only when data.dataset is "
+                                          f"'synthetic'; this run uses '{config.data.dataset}'.\n")
+        commit(tmp, out)
+        log(f"synthesize: skipped, data.dataset is '{config.data.dataset}' (placeholder {out / NOT_GENERATED})")
+        return
     generate_synthetic(cfg.out, n_train=cfg.n_train, n_val=cfg.n_val, size=tuple(cfg.size), seed=cfg.seed)
     log(f"synthesize: {cfg.n_train} train + {cfg.n_val} val images of {cfg.size[0]}x{cfg.size[1]} in {cfg.out}")
