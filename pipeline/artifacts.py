@@ -175,7 +175,7 @@ class Artifacts:
         if self._store is None:
             from pipeline.store import open_features
 
-            self._store = open_features(self.path("features"))
+            self._store = open_features(self.path("features"), verify=True)
         return self._store
 
     @property

@@ -20,7 +20,7 @@ from pipeline.config import ConceptsConfig, Config
 from pipeline.errors import InputError
 from pipeline.files import atomic_write, commit, fingerprint, partial_path, remove, write_json
 from pipeline.runtime import log
-from pipeline.store import CROP_KINDS, open_features_of
+from pipeline.store import CROP_KINDS, check_provenance, open_features_of, read_rows
 
 POOL_ORDER = ("thing", "stuff", "all")
 
@@ -64,12 +64,25 @@ class Concepts:
         return commit(partial, folder)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Concepts":
+    def load(cls, folder: str | Path, expected: dict | None = None) -> "Concepts":
+        """The concepts saved in `folder`.
+
+        Args:
+            folder: holds concepts.npz and concepts.json.
+            expected: keys concepts.json must have, e.g. {"backbone": ..., "weights_id": ...}:
+                centroids are points of one backbone's embedding space and mean nothing in
+                another's. None: no check.
+        Raises:
+            InputError: a file is missing. ProvenanceError: concepts.json differs from `expected`.
+        """
         folder = Path(folder)
-        npz_path = folder / "concepts.npz"
-        if not npz_path.exists():
-            raise InputError(npz_path, "concepts not found; run the concepts stage first")
-        meta = json.loads((folder / "concepts.json").read_text())
+        npz_path, json_path = folder / "concepts.npz", folder / "concepts.json"
+        for path in (npz_path, json_path):
+            if not path.exists():
+                raise InputError(path, "concepts not found; run the concepts stage first")
+        meta = json.loads(json_path.read_text())
+        if expected:
+            check_provenance(json_path, meta, expected)
         with np.load(npz_path) as data:
             return cls(data["centroids"], [str(p) for p in data["pools"]], data["sizes"],
                        data["assignment"], meta.get("objective", {}), bool(meta.get("normalize", False)))
@@ -101,8 +114,7 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
     unknown = sorted(set(cfg.k) - set(POOL_ORDER))
     if unknown:
         raise InputError(None, f"concepts.k has unknown pool(s) {unknown}; pools are {list(POOL_ORDER)}")
-    kinds = store["crops/kind"][:]
-    embeddings = store["crops/embedding"]
+    kinds = read_rows(store, "crops/kind")
     rng = np.random.default_rng(cfg.seed)
     centroids, pools, objective = [], [], {}
     assignment = np.full(len(kinds), -1, dtype=np.int32)
@@ -116,7 +128,7 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
         # Same subsample FAISS would draw, but drawn here so only those rows are read from disk.
         budget = k * cfg.max_points_per_centroid
         sample = np.sort(rng.choice(rows, size=min(budget, len(rows)), replace=False))
-        points = embeddings.get_orthogonal_selection((sample, slice(None)))
+        points = read_rows(store, "crops/embedding", sample)
         if cfg.normalize:
             points = _l2_normalise(points)
         model = kmeans(points, k, iterations=cfg.iterations, seed=cfg.seed,
@@ -124,7 +136,7 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
         objective[pool] = float(model.obj[-1]) if len(model.obj) else float("nan")
         for start in range(0, len(rows), read_chunk):
             chunk_rows = rows[start:start + read_chunk]
-            chunk = embeddings.get_orthogonal_selection((chunk_rows, slice(None)))
+            chunk = read_rows(store, "crops/embedding", chunk_rows)
             if cfg.normalize:
                 chunk = _l2_normalise(chunk)
             _, labels = model.index.search(np.ascontiguousarray(chunk, dtype=np.float32), 1)

@@ -26,6 +26,7 @@ import zarr
 
 from pipeline.backbones import backbone_from_config
 from pipeline.cam import normalize_cams
+from pipeline.concepts import Concepts
 from pipeline.config import Config
 from pipeline.data import Manifest, load_label, resize_image
 from pipeline.errors import InputError
@@ -33,7 +34,7 @@ from pipeline.files import atomic_write, write_json
 from pipeline.metrics import SegmentationMetrics
 from pipeline.registry import Registry
 from pipeline.runtime import autocast, log, progress, resolve_device
-from pipeline.store import open_features_of, open_pseudolabels, read_h5_attrs
+from pipeline.store import open_features_of, open_pseudolabels_of, read_h5_attrs, read_rows
 from pipeline.train.inference import load_segmenter
 
 # ----------------------------------------------------------------------------- protocols
@@ -150,7 +151,7 @@ class BottomUp:
         per_image = max(1, min(h * w, max_points // max(len(train_indices), 1)))
         samples = []
         for i in train_indices:
-            feats = np.asarray(patch[int(i)], dtype=np.float32).reshape(-1, dim)
+            feats = np.asarray(read_rows(store, "patch", int(i)), dtype=np.float32).reshape(-1, dim)
             samples.append(feats[rng.choice(len(feats), size=per_image, replace=False)])
         points = self._normalise(np.concatenate(samples))
         self.kmeans = faiss.Kmeans(dim, k, niter=iterations, seed=seed, verbose=False,
@@ -285,7 +286,8 @@ def evaluate_stage(config: Config) -> None:
     labelled = [i for i in eval_indices if manifest.records[i].label is not None] if manifest.num_classes else []
     scored = labelled or eval_indices
 
-    model = load_segmenter(backbone_from_config(config.backbone), config.path("model"))
+    backbone = backbone_from_config(config.backbone)
+    model = load_segmenter(backbone, config.path("model"))
     model_scores = ModelScores(model, lambda batch: manifest.batch(batch, size), scored,
                                config.evaluate.batch_size, device)
     info = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf, "split": split,
@@ -307,14 +309,14 @@ def evaluate_stage(config: Config) -> None:
         log(f"evaluate: {len(eval_indices) - len(labelled)} of {len(eval_indices)} images of split '{split}' "
             f"have no label; scoring the {len(labelled)} that have one")
     store = open_features_of(config)
-    with open_pseudolabels(config.path("pseudolabels")) as handle:
+    with open_pseudolabels_of(config, backbone, Concepts.load(config.path("concepts")), manifest) as handle:
         k = int(read_h5_attrs(handle)["num_concepts"])
         bottom_up = BottomUp(store, np.asarray(manifest.indices(config.data.train_split)), k,
                              seed=config.evaluate.bottom_up_seed)
         sources = {
             "model": model_scores,
             "pseudo_labels": lambda i: cam_scores(handle, i),
-            "bottom_up": lambda i: bottom_up.scores(store["patch"][i]),
+            "bottom_up": lambda i: bottom_up.scores(read_rows(store, "patch", i)),
         }
         clusters = {"model": model_scores.num_clusters, "pseudo_labels": k, "bottom_up": k}
         rows = evaluate_rows(manifest, labelled, sources, clusters, train_size=size,

@@ -31,7 +31,8 @@ from pipeline.config import Config, FeaturesConfig
 from pipeline.data import Manifest, images_to_tensor, resize_image
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
 from pipeline.runtime import autocast, log, progress, resolve_device
-from pipeline.store import CROP_KINDS, ShardLog, check_provenance, create_feature_store, shards
+from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, shards,
+                            writing_every_chunk)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -134,7 +135,8 @@ def embed_crops(backbone: Backbone, concept_images: torch.Tensor, boxes: torch.T
 def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: int, *,
                         backbone: Backbone, cfg: FeaturesConfig, layout: FeatureLayout,
                         slots: np.ndarray, batch_size: int, device: torch.device, bar=None) -> None:
-    """Compute and write images [start, stop): their rows of every array, nothing else."""
+    """Compute and write images [start, stop): their rows of every array, nothing else.
+    Call it under store.writing_every_chunk(), as extract_features does."""
     pools = {CROP_KINDS[name] for name in cfg.pools}
     n_windows = len(layout.windows)
     for b0 in range(start, stop, batch_size):
@@ -220,7 +222,10 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
     todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
     skipped = len(manifest.records) - sum(b - a for a, b in todo)
     tic = time.perf_counter()
-    with progress(total=len(manifest.records), desc="features", enabled=show_progress) as bar:
+    # Arrays opened under writing_every_chunk store every chunk, fill-valued ones too, so that
+    # an absent chunk file always means damage (store.verify_feature_store).
+    with progress(total=len(manifest.records), desc="features", enabled=show_progress) as bar, \
+            writing_every_chunk():
         bar.update(skipped)
         for a, b in todo:
             write_feature_shard(root, manifest, a, b, backbone=backbone, cfg=cfg, layout=layout,

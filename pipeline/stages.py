@@ -94,13 +94,14 @@ _declare(Stage(
     inputs=("manifest", "concepts"), outputs=("pseudolabels",)))
 _declare(Stage(
     "train", "Train the mask-transformer decoder on the frozen backbone from the pseudo labels.",
-    "pipeline.train.stage:train_stage", params=("backbone", "features.image_size", "data.train_split", "train"),
-    inputs=("manifest", "pseudolabels"), outputs=("model", "train_log", "train_curves", "checkpoint")))
+    "pipeline.train.stage:train_stage",
+    params=("backbone", "features.image_size", "data.train_split", "pseudolabels.background", "train"),
+    inputs=("manifest", "concepts", "pseudolabels"), outputs=("model", "train_log", "train_curves", "checkpoint")))
 _declare(Stage(
     "evaluate", "Score the model, the pseudo labels and the bottom-up baseline on the evaluation split.",
     "pipeline.evaluate:evaluate_stage",
-    params=("backbone", "features", "data.train_split", "data.eval_split", "evaluate"),
-    inputs=("manifest", "features", "pseudolabels", "model"), outputs=("plots", "metrics")))
+    params=("backbone", "features", "data.train_split", "data.eval_split", "pseudolabels.background", "evaluate"),
+    inputs=("manifest", "features", "concepts", "pseudolabels", "model"), outputs=("plots", "metrics")))
 _declare(Stage(
     "report", "Write the static HTML report cache/report/index.html (metrics, IoU bars, confusion, "
               "training curves, concept galleries, sample overlays).",

@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 from pipeline.backbones import backbone_from_config
+from pipeline.concepts import Concepts
 from pipeline.config import Config
 from pipeline.data import Manifest
 from pipeline.files import fingerprint, write_json
 from pipeline.runtime import log
-from pipeline.store import CamReader, open_pseudolabels, read_h5_attrs
+from pipeline.store import CamReader, open_pseudolabels_of, read_h5_attrs
 from pipeline.train.curves import plot_training_curves, read_train_log
 from pipeline.train.data import PseudoLabelDataset
 from pipeline.train.loop import train_segmenter
@@ -22,8 +23,9 @@ def train_stage(config: Config) -> None:
     backbone = backbone_from_config(config.backbone)
     labels_path = config.path("pseudolabels")
     indices = manifest.indices(config.data.train_split)
-    with open_pseudolabels(labels_path, expected={"backbone": backbone.name,
-                                                  "weights_id": backbone.weights_id}) as handle:
+    # Before anything else, and above all before forget_stale_checkpoint: labels of another K,
+    # concepts, backbone, size or image list would train a wrong model and drop the good last.pt.
+    with open_pseudolabels_of(config, backbone, Concepts.load(config.path("concepts")), manifest) as handle:
         labels_attrs = read_h5_attrs(handle)
     train_config = config.train
     if train_config.device == "auto":
