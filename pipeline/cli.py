@@ -135,13 +135,13 @@ def settings_group(ctx: click.Context) -> None:
         return
     from pipeline.settings import SETTINGS
 
-    click.echo(f"{'setting':13s} {'dataset':13s} {'classes':>7s} {'K':>9s} {'size':>8s} {'epochs':>6s} "
+    click.echo(f"{'setting':20s} {'dataset':13s} {'classes':>7s} {'K':>9s} {'size':>8s} {'epochs':>6s} "
                f"{'lr':>7s} {'backbone':27s} paper mIoU / acc")
     for setting in (SETTINGS.get(n) for n in SETTINGS):
         p = setting.params()
         k = "+".join(str(v) for v in p["concepts"]["k"].values()) + ("+bg" if p["pseudolabels"]["background"] else "")
         size = "x".join(str(v) for v in p["features"]["image_size"])
-        click.echo(f"{setting.name:13s} {p['data']['dataset']:13s} {_num_classes(p['data']['dataset']):>7s} "
+        click.echo(f"{setting.name:20s} {p['data']['dataset']:13s} {_num_classes(p['data']['dataset']):>7s} "
                    f"{k:>9s} {size:>8s} {p['train']['epochs']:>6d} {p['train']['lr']:>7.0e} "
                    f"{p['backbone']['name']:27s} {setting.paper or '-'}")
 

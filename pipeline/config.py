@@ -77,6 +77,10 @@ class PseudoLabelsConfig:
     background: bool = False            # object-centric sets add relu(threshold - max CAM)
     background_threshold: float = 0.1
     batch_size: int = 8
+    # Factor on the concept loss's gradient against the attention term (ViT CAMs). Here each
+    # image's loss is its own; the reference averaged it over its batch of B images, i.e.
+    # grad_scale = 1/B (B = 8 for COCO and VOC, 2 for Cityscapes and LIP: Command.md).
+    grad_scale: float = 1.0
 
 
 @dataclass
@@ -98,6 +102,11 @@ class TrainConfig:
     epochs: int = 200
     lr: float = 1e-4
     batch_size: int = 256
+    # An epoch is `repeat` shuffled passes over the training set, in batches of batch_size; the
+    # last partial batch is dropped when drop_last (reference: ConcatDataset of `repeat` copies
+    # with repeat 20 for Cityscapes and VOC, DataLoader(drop_last=True) in every *_trainval.py).
+    repeat: int = 1
+    drop_last: bool = True
     weight_decay: float = 5e-4          # Adam L2; biases and 1-D (norm) parameters are exempt
     grad_clip_value: float = 1.0        # element-wise clamp of every gradient to +-value
     # decoder (paper: 2 blocks, 6 heads, d = backbone width, dropout 0.1)
@@ -156,9 +165,9 @@ class TrainConfig:
         _check_choice("predict_with", self.predict_with, ("student", "teacher"))
         if self.epochs < 0 or self.bootstrap_start < 0:
             raise ValueError(f"epochs and bootstrap_start must be >= 0, got {self.epochs}, {self.bootstrap_start}")
-        if self.batch_size < 1 or self.teacher_interval_block < 1:
-            raise ValueError(f"batch_size and teacher_interval_block must be >= 1, "
-                             f"got {self.batch_size}, {self.teacher_interval_block}")
+        if self.batch_size < 1 or self.teacher_interval_block < 1 or self.repeat < 1:
+            raise ValueError(f"batch_size, teacher_interval_block and repeat must be >= 1, "
+                             f"got {self.batch_size}, {self.teacher_interval_block}, {self.repeat}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict (tuples as lists)."""

@@ -23,13 +23,13 @@ from pipeline.config import Config, PseudoLabelsConfig
 from pipeline.data import Manifest
 from pipeline.files import commit, partial_path, resume_or_restart
 from pipeline.runtime import log, progress, resolve_device
-from pipeline.store import check_provenance, create_pseudolabel_file, read_h5_attrs
+from pipeline.store import check_provenance, create_pseudolabel_file, pseudolabel_provenance, read_h5_attrs
 
 
 def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tensor,
                  cfg: PseudoLabelsConfig) -> torch.Tensor:
     """CAMs (B, K[+1], h, w) for images (B, 3, H, W); the background channel comes last."""
-    cams = compute_cams(backbone, images, centroids, mass=cfg.mass)
+    cams = compute_cams(backbone, images, centroids, mass=cfg.mass, grad_scale=cfg.grad_scale)
     if cfg.background:
         cams = add_background_channel(cams, threshold=cfg.background_threshold)
     return cams
@@ -38,16 +38,17 @@ def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tens
 def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concepts, cfg: PseudoLabelsConfig,
                        out: str | Path, *, image_size: tuple[int, int], device: torch.device,
                        provenance: dict, show_progress: bool = True) -> Path:
-    """Build `out` (HDF5: cam, label, image_id) for every manifest image; resumable."""
+    """Build `out` (HDF5: cam, label, image_id) for every manifest image; resumable.
+
+    Its attributes are `provenance` (e.g. dataset), the params and store.pseudolabel_provenance,
+    which the readers check (store.open_pseudolabels_of).
+    """
     out = Path(out)
-    h, w = image_size
-    grid = (h // backbone.patch_size, w // backbone.patch_size)
-    k = concepts.k + int(cfg.background)
-    attrs = {**provenance, "params": asdict(cfg), "concepts_hash": concepts.fingerprint(),
-             "num_concepts": k, "grid": list(grid), "image_size": [h, w],
-             "concept_pools": concepts.pools + (["background"] if cfg.background else [])}
-    partial = partial_path(out)
     ids = [r.id for r in manifest.records]
+    identity = pseudolabel_provenance(backbone, concepts, ids, image_size=image_size, background=cfg.background)
+    attrs = {**provenance, "params": asdict(cfg), **identity}
+    k, grid = identity["num_concepts"], tuple(identity["grid"])
+    partial = partial_path(out)
 
     def check(path: Path) -> None:
         with h5py.File(path, "r") as handle:
@@ -91,6 +92,9 @@ def pseudolabels_stage(config: Config) -> None:
     manifest = Manifest.load(config.path("manifest"))
     backbone = backbone_from_config(config.backbone)
     provenance = {"backbone": backbone.name, "weights_id": backbone.weights_id, "dataset": manifest.dataset}
-    write_pseudolabels(manifest, backbone, Concepts.load(config.path("concepts")), config.pseudolabels,
+    # Centroids of another backbone (or weights) would give CAMs of nothing: concepts.json
+    # records those of the feature store the concepts came from.
+    concepts = Concepts.load(config.path("concepts"), expected={k: provenance[k] for k in ("backbone", "weights_id")})
+    write_pseudolabels(manifest, backbone, concepts, config.pseudolabels,
                        config.path("pseudolabels"), image_size=config.image_size,
                        device=resolve_device(config.backbone.device), provenance=provenance)

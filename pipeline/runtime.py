@@ -61,7 +61,7 @@ class LogProgress:
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.every = LOG_EVERY_SECONDS if every is None else every
         self.clock = clock
-        self.n, self.postfix, self.logged = 0, "", False
+        self.n, self.postfix, self.logged, self.logged_n = 0, "", False, -1
         self.start = self.last = clock()
 
     def __iter__(self) -> Iterator[T]:
@@ -88,9 +88,11 @@ class LogProgress:
         log(message)
 
     def close(self) -> None:
-        if self.logged and self.n:     # short loops stay silent; their stage prints a summary
+        # the final count, once, if the loop logged before (short loops stay silent: their
+        # stage prints a summary)
+        if self.logged and self.n != self.logged_n:
             self._line()
-            self.logged = False
+        self.logged = False
 
     def _line(self) -> None:
         now = self.clock()
@@ -99,7 +101,7 @@ class LogProgress:
         left = f", {(self.total - self.n) / rate:.0f} s left" if self.total and rate > 0 else ""
         log(f"{self.desc}: {done} {self.unit} ({rate:.1f} {self.unit}/s{left})"
             + (f" {self.postfix}" if self.postfix else ""))
-        self.last, self.logged = now, True
+        self.last, self.logged, self.logged_n = now, True, self.n
 
 
 def log(message: str) -> None:

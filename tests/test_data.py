@@ -480,7 +480,7 @@ class TestCocoStuff:
         m = build_manifest("cocostuff27", tmp_path, splits="val", curated=True, curated_val_list="val_list.txt")
         assert [r.id for r in m.records] == ["000000000285"]
         assert m.options["curated_val_list"] == str(tmp_path / "val_list.txt")
-        with pytest.raises(InputError, match="curated_train_list"):
+        with pytest.raises(InputError, match="49628 train image"):   # the committed list; the fixture has 1
             build_manifest("cocostuff27", tmp_path, curated=True)
         # STEGO layout: curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt beside the images
         (tmp_path / "curated" / "train2017").mkdir(parents=True)
@@ -488,10 +488,13 @@ class TestCocoStuff:
         m = build_manifest("cocostuff27", tmp_path, splits="train", curated=True)
         assert [r.id for r in m.records] == ["000000000025"]
 
-    def test_committed_curated_val_list(self, tmp_path):
+    def test_committed_curated_lists(self, tmp_path):
         ids = readers_mod.read_list(readers_mod.COCO_CURATED_VAL)
         assert len(ids) == 2175 == len(set(ids)) and ids == sorted(ids)
         assert ids[0] == "000000000139" and ids[-1] == "000000581615"
+        train = readers_mod.read_list(readers_mod.COCO_CURATED_TRAIN)
+        assert len(train) == 49629 == len(set(train)) and train == sorted(train) and not set(train) & set(ids)
+        assert train[0] == "000000000025"
         make_coco(tmp_path)
         with pytest.raises(InputError, match="2174 val image"):  # only 000000000139 exists in the fixture
             build_manifest("cocostuff27", tmp_path, splits="val", curated=True)

@@ -25,3 +25,12 @@ def test_progress_in_a_log_file_is_the_log_progress(capsys):
     # pytest captures stderr, so it is not a terminal here, as under DVC or `make demo > log`
     assert isinstance(progress(total=3, desc="x"), LogProgress)
     assert progress(total=3, desc="x", enabled=False).disable
+
+
+def test_the_final_count_is_not_repeated(capsys):
+    now = [0.0]
+    bar = LogProgress(total=20, desc="features", every=30, clock=lambda: now[0])
+    now[0] = 31
+    bar.update(20)
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["features: 20/20 img (0.6 img/s, 0 s left)"]

@@ -286,3 +286,25 @@ def test_checkpoint_resumed_only_when_it_reaches_the_clean_result(tmp_path, tiny
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     lines = run(epochs=1, lr=5e-4)
     assert any("unreadable" in l and "starting over" in l for l in lines), lines
+
+
+@pytest.mark.parametrize("repeat, drop_last, expected", [(1, True, 2), (1, False, 3), (20, True, 52), (20, False, 53)])
+def test_optimiser_steps_per_epoch_follow_repeat_and_drop_last(tmp_path, monkeypatch, tiny_backbone, repeat,
+                                                              drop_last, expected):
+    """21 images in batches of 8: the reference's drop_last keeps whole batches only; repeat 20
+    makes one epoch 20 passes (420 samples: 52 whole batches)."""
+    from pipeline.train.loop import steps_per_epoch
+
+    images, cams, _ = colour_block_data(21, seed=4)
+    config = fast_config(epochs=1, repeat=repeat, drop_last=drop_last)
+    assert steps_per_epoch(21, config) == expected
+    steps = []
+    original = torch.optim.Adam.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    train_segmenter(tiny_backbone(), make_dataset(images, cams), 3, config, tmp_path, log_fn=lambda s: None)
+    assert len(steps) == expected

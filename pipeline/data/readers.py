@@ -553,6 +553,7 @@ class FolderReader(DatasetReader):
 # ============================================================================ COCO-Stuff
 COCO_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"  # name used by IIC/PiCIE/STEGO under curated/<split>2017/
 COCO_CURATED_VAL = LISTS_DIR / "cocostuff_curated_val2017.txt"
+COCO_CURATED_TRAIN = LISTS_DIR / "cocostuff_curated_train2017.txt"
 
 
 @dataclass(frozen=True)
@@ -596,10 +597,10 @@ class CocoStuffReader(DatasetReader):
     Layout (COCO-Stuff README / STEGO): ``images/{train2017,val2017}/*.jpg`` and
     ``annotations/{train2017,val2017}/*.png`` (``stuffthingmaps_trainval2017/`` is
     accepted in place of ``annotations/``). ``curated=True`` restricts the splits to the
-    IIC/PiCIE curated lists: val uses the committed 2,175-image list unless
-    ``curated_val_list`` or ``root/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt`` is
-    given; train needs ``curated_train_list`` or
-    ``root/curated/train2017/Coco164kFull_Stuff_Coarse_7.txt`` (not shipped here).
+    IIC/PiCIE curated lists: the committed 2,175-image val and 49,629-image train lists
+    (lists/, from the TransFGU repository) unless ``curated_val_list`` /
+    ``curated_train_list`` or ``root/curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt``
+    is given.
     """
 
     split_dirs = {"train": "train2017", "val": "val2017"}
@@ -649,11 +650,7 @@ class CocoStuffReader(DatasetReader):
         beside = root / "curated" / self.split_dirs[split] / COCO_CURATED_LIST
         if beside.is_file():
             return beside
-        if split == "val":
-            return COCO_CURATED_VAL
-        raise InputError(root, f"curated train list not found: looked for {_rel(root, beside)} in {root}; "
-                               f"pass curated_train_list=<path to the IIC/PiCIE train2017 {COCO_CURATED_LIST}> "
-                               "(it is not shipped with this package)")
+        return COCO_CURATED_VAL if split == "val" else COCO_CURATED_TRAIN
 
 
 for _name, _variant in (("cocostuff27", "27"), ("cocostuff171", "171"), ("coco80", "80")):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.cam import normalize_cams
 from pipeline.config import TrainConfig
+from pipeline.errors import InputError
 from pipeline.files import atomic_write
 from pipeline.runtime import autocast, progress, resolve_device
 from pipeline.train.augment import augment_batch
@@ -55,11 +56,12 @@ def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, con
     label-based selection).
     """
     device = resolve_device(config.device)
-    _check_dataset(dataset, num_classes)
+    _check_dataset(dataset, num_classes, config)
     backbone = backbone.to(device).eval().requires_grad_(False)
     identity = backbone_identity(backbone)
     state = TrainState.create(identity["embed_dim"], num_classes, config, device)
-    report, files = ProgressHook(progress, log_fn, len(dataset)), FilesHook(Path(out_dir), identity)
+    report = ProgressHook(progress, log_fn, samples_per_epoch(len(dataset), config))
+    files = FilesHook(Path(out_dir), identity)
     hooks = (report, files)
     files.resume(state, report.message)
     for epoch in range(state.epoch, config.epochs):
@@ -68,7 +70,8 @@ def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, con
         state.begin_epoch(epoch, updated)
         bootstrapping = config.bootstrap and epoch >= config.bootstrap_start and state.has_teacher
         alpha = peer_alpha(state.since_update, config) if bootstrapping else 0.0
-        order = torch.randperm(len(dataset), generator=generator)
+        # `repeat` passes shuffled together, as one shuffle of `repeat` concatenated copies
+        order = torch.randperm(len(dataset) * config.repeat, generator=generator) % len(dataset)
         for hook in hooks:
             hook.before_epoch(state, epoch, updated)
         stats = run_epoch(backbone, state, _loader(dataset, config, order, device),
@@ -236,9 +239,12 @@ class FilesHook(Hook):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_dataset(dataset: Dataset, num_classes: int) -> None:
+def _check_dataset(dataset: Dataset, num_classes: int, config: TrainConfig) -> None:
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
+    if steps_per_epoch(len(dataset), config) == 0:
+        raise InputError(None, f"train.batch_size {config.batch_size} is more than the {len(dataset) * config.repeat} "
+                               f"samples of an epoch: with train.drop_last no step would be taken")
     cam_channels = dataset[0][1].shape[0]
     if cam_channels != num_classes:
         raise ValueError(f"the CAMs have {cam_channels} channels but num_classes={num_classes}")
@@ -252,6 +258,17 @@ def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def steps_per_epoch(images: int, config: TrainConfig) -> int:
+    """Optimiser steps in one epoch of ``images`` training images."""
+    samples = images * config.repeat
+    return samples // config.batch_size if config.drop_last else -(-samples // config.batch_size)
+
+
+def samples_per_epoch(images: int, config: TrainConfig) -> int:
+    """Training samples one epoch sees (the dropped partial batch not counted)."""
+    return steps_per_epoch(images, config) * config.batch_size if config.drop_last else images * config.repeat
+
+
 def _loader(dataset: Dataset, config: TrainConfig, order: Tensor, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=config.batch_size, sampler=order.tolist(),
-                      num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=False)
+                      num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=config.drop_last)
