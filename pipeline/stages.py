@@ -95,7 +95,8 @@ _declare(Stage(
 _declare(Stage(
     "train", "Train the mask-transformer decoder on the frozen backbone from the pseudo labels.",
     "pipeline.train.stage:train_stage",
-    params=("backbone", "features.image_size", "data.train_split", "pseudolabels.background", "train"),
+    params=("backbone", "features.image_size", "data.train_split", "pseudolabels.background",
+            "pseudolabels.background_threshold", "train"),
     inputs=("manifest", "concepts", "pseudolabels"), outputs=("model", "train_log", "train_curves", "checkpoint")))
 _declare(Stage(
     "evaluate", "Score the model, the pseudo labels and the bottom-up baseline on the evaluation split.",

@@ -308,3 +308,35 @@ def test_optimiser_steps_per_epoch_follow_repeat_and_drop_last(tmp_path, monkeyp
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
     train_segmenter(tiny_backbone(), make_dataset(images, cams), 3, config, tmp_path, log_fn=lambda s: None)
     assert len(steps) == expected
+
+
+def test_object_centric_scores_recompute_the_background_on_the_crop():
+    """Hand-computed: two concept CAMs of one crop and a stale full-image background channel."""
+    from pipeline.train.losses import crop_cam_scores
+
+    cams = torch.tensor([[[[4.0, 2.0, 2.0]],        # concept 0
+                          [[2.0, 3.0, 2.05]],       # concept 1
+                          [[9.0, 9.0, 9.0]]]])      # stored background: ignored
+    scores, foreground = crop_cam_scores(cams, "image", background_threshold=0.1)
+    # one min/max over the crop's two concept maps: min 2, max 4
+    expected_concepts = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.5, 0.025]]])
+    torch.testing.assert_close(scores[0, :2], expected_concepts)
+    # background = relu(0.1 - max over concepts) per pixel, not normalised again
+    torch.testing.assert_close(scores[0, 2], torch.tensor([[0.0, 0.0, 0.075]]))
+    assert foreground.tolist() == [[[True, True, False]]]
+    assert scores[0].argmax(0).tolist() == [[0, 1, 2]]         # the third pixel is background
+    plain, none = crop_cam_scores(cams[:, :2], "image")       # thing-stuff: all channels together
+    assert none is None
+    torch.testing.assert_close(plain, expected_concepts[None])
+
+
+def test_uncertainty_of_the_foreground_only():
+    from pipeline.train.losses import uncertainty_loss
+
+    logits = torch.tensor([[[[0.0, 5.0]], [[0.0, 0.0]], [[9.0, 9.0]]]])   # 3 channels, 2 pixels
+    where = torch.tensor([[[False, True]]])
+    p = torch.tensor([5.0, 0.0]).softmax(0)
+    expected = 1 - (p[0] - p[1])                      # pixel 2 of the two concept logits only
+    torch.testing.assert_close(uncertainty_loss(logits[:, :2], where), expected)
+    assert uncertainty_loss(logits[:, :2], torch.zeros_like(where)).item() == 0.0
+    torch.testing.assert_close(uncertainty_loss(logits[:, :2]), (1 + expected) / 2)   # pixel 1: a tie

@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.cam import normalize_cams
 from pipeline.config import TrainConfig
 from pipeline.errors import InputError
 from pipeline.files import atomic_write
 from pipeline.runtime import autocast, progress, resolve_device
 from pipeline.train.augment import augment_batch
 from pipeline.train.curves import LOSS_TERMS
-from pipeline.train.losses import diversity_loss, peer_loss, pseudo_targets, uncertainty_loss
+from pipeline.train.losses import crop_cam_scores, diversity_loss, peer_loss, pseudo_targets, uncertainty_loss
 from pipeline.train.schedule import epoch_seed, is_teacher_update_epoch, peer_alpha
 from pipeline.train.state import (TrainState, backbone_identity, checkpoint_mismatch, save_checkpoint,
                                   save_model)
@@ -35,7 +34,8 @@ LOG_COLUMNS = ("epoch", *LOSS_TERMS, "alpha", "teacher_update", "seconds")
 
 def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, config: TrainConfig,
                     out_dir: str | Path, progress: bool = True,
-                    log_fn: Callable[[str], None] | None = None) -> Path:
+                    log_fn: Callable[[str], None] | None = None,
+                    background_threshold: float | None = None) -> Path:
     """Train the decoder on the dataset's CAMs; resumable; returns ``out_dir/model.pt``.
 
     Args:
@@ -48,6 +48,9 @@ def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, con
         out_dir: receives ``last.pt`` and ``train_log.csv`` (every epoch) and ``model.pt``.
         progress: a bar on a terminal; one line per epoch either way.
         log_fn: receives the per-epoch and event lines instead of stdout.
+        background_threshold: for object-centric pseudo labels (the last CAM channel is the
+            background): the background is recomputed on every crop with this threshold
+            (:func:`~pipeline.train.losses.crop_cam_scores`); None for thing-stuff sets.
 
     A ``last.pt`` already in ``out_dir`` is resumed when it can reach exactly the result of
     a run from scratch (same settings up to ``epochs``, ``num_workers``, ``device``,
@@ -75,7 +78,8 @@ def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, con
         for hook in hooks:
             hook.before_epoch(state, epoch, updated)
         stats = run_epoch(backbone, state, _loader(dataset, config, order, device),
-                          state.teacher if bootstrapping else None, alpha, generator, device, report)
+                          state.teacher if bootstrapping else None, alpha, generator, device, report,
+                          background_threshold)
         row = {"epoch": epoch, **{k: round(v, 6) for k, v in stats.items()}, "alpha": alpha,
                "teacher_update": int(updated), "seconds": round(time.perf_counter() - tic, 3)}
         state.history.append(row)
@@ -89,13 +93,14 @@ def train_segmenter(backbone: nn.Module, dataset: Dataset, num_classes: int, con
 
 def run_epoch(backbone: nn.Module, state: TrainState, loader: DataLoader, teacher: nn.Module | None,
               alpha: float, generator: torch.Generator, device: torch.device,
-              report: "ProgressHook") -> dict[str, float]:
+              report: "ProgressHook", background_threshold: float | None = None) -> dict[str, float]:
     """One pass over the data; returns image-weighted means of the loss terms."""
     state.student.train()
     sums, seen = dict.fromkeys(LOSS_TERMS, 0.0), 0
     try:
         for images, cams, _ in loader:
-            terms = train_step(backbone, state, images, cams, teacher, alpha, generator, device)
+            terms = train_step(backbone, state, images, cams, teacher, alpha, generator, device,
+                               background_threshold)
             n = images.shape[0]
             seen += n
             for k, v in terms.items():
@@ -111,10 +116,12 @@ def run_epoch(backbone: nn.Module, state: TrainState, loader: DataLoader, teache
 
 
 def train_step(backbone: nn.Module, state: TrainState, images: Tensor, cams: Tensor, teacher: nn.Module | None,
-               alpha: float, generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+               alpha: float, generator: torch.Generator, device: torch.device,
+               background_threshold: float | None = None) -> dict[str, Tensor]:
     """Augment one batch, compute the loss terms, take one optimiser step; returns the terms.
 
-    images (B, 3, H, W) in [0, 1], cams (B, K, h, w) on the training size's patch grid.
+    images (B, 3, H, W) in [0, 1], cams (B, K, h, w) on the training size's patch grid (the
+    last channel the background when ``background_threshold`` is given).
     """
     config = state.config
     images = images.to(device, non_blocking=True)
@@ -133,8 +140,11 @@ def train_step(backbone: nn.Module, state: TrainState, images: Tensor, cams: Ten
     if cams.shape[-2:] != logits.shape[-2:]:  # backbone grid differs from the crop's patch grid
         cams = F.interpolate(cams, size=logits.shape[-2:], mode="bilinear", align_corners=False)
     with torch.no_grad():
-        scores, target = pseudo_targets(normalize_cams(cams, config.cam_norm), teacher_logits, config.teacher_mix)
-    terms = {"ce": F.cross_entropy(logits, target), "uncertainty": uncertainty_loss(logits),
+        cam_scores, foreground = crop_cam_scores(cams, config.cam_norm, background_threshold)
+        scores, target = pseudo_targets(cam_scores, teacher_logits, config.teacher_mix)
+    # object-centric: the uncertainty of the concepts only, on the foreground (reference)
+    unc = uncertainty_loss(logits, None) if foreground is None else uncertainty_loss(logits[:, :-1], foreground)
+    terms = {"ce": F.cross_entropy(logits, target), "uncertainty": unc,
              "diversity": diversity_loss(class_emb)}
     loss = terms["ce"] + config.uncertainty_weight * terms["uncertainty"] + config.diversity_weight * terms["diversity"]
     terms["peer"] = logits.new_zeros(())

@@ -39,7 +39,9 @@ def train_stage(config: Config) -> None:
     })
     dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], config.image_size),
                                  CamReader(labels_path, indices), len(indices))
-    train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir)
+    train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir,
+                    background_threshold=config.pseudolabels.background_threshold
+                    if config.pseudolabels.background else None)
     plot_training_curves(read_train_log(config.path("train_log")), config.path("train_curves"))
 
 
