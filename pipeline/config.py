@@ -58,7 +58,17 @@ class FeaturesConfig:
     pools: list[str] = field(default_factory=lambda: ["thing", "stuff"])  # thing, stuff, all
     thing_fraction: float = 0.5         # thing crop: more than this share is foreground
     stuff_fraction: float = 0.8         # stuff crop: more than this share is background
+    # Foreground mask that classes the windows: "upsampled" = saliency of the training-size pass,
+    # upsampled (bilinear) to the concept scale and thresholded at its mean (no extra pass);
+    # "concept_scale" = the reference's (cocostuff_crop.py): the [CLS] attention of a forward
+    # pass at the concept scale (80x80 for COCO), thresholded at its mean on the patch grid,
+    # nearest-upsampled to the pixels.
+    foreground: str = "upsampled"
     chunk_images: int = 64              # images per progress/resume shard
+
+    def __post_init__(self) -> None:
+        if self.foreground not in ("upsampled", "concept_scale"):
+            raise ValueError(f"foreground must be one of upsampled, concept_scale; got {self.foreground!r}")
 
 
 @dataclass

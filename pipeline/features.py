@@ -28,6 +28,7 @@ from torchvision.ops import roi_align
 
 from pipeline.backbones import Backbone, backbone_from_config
 from pipeline.config import Config, FeaturesConfig
+from pipeline.errors import InputError
 from pipeline.data import Manifest, images_to_tensor, resize_image
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
 from pipeline.runtime import autocast, log, progress, resolve_device
@@ -77,9 +78,17 @@ def classify_windows(foreground: np.ndarray, boxes: np.ndarray, thing_fraction: 
     return kind, share
 
 
-def foreground_mask(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Saliency (B, h, w) upsampled to `size` and thresholded at each image's mean -> bool (B, H, W)."""
-    upsampled = F.interpolate(saliency[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+def foreground_mask(saliency: torch.Tensor, size: tuple[int, int], threshold_first: bool = False) -> torch.Tensor:
+    """Saliency (B, h, w) -> bool foreground (B, H, W) at `size`, thresholded at each image's mean.
+
+    threshold_first=False: upsample (bilinear), then threshold. True (the reference's, for
+    saliency already at the concept scale): threshold on the patch grid, then nearest-upsample.
+    """
+    saliency = saliency.float()
+    if threshold_first:
+        mask = (saliency > saliency.mean(dim=(1, 2), keepdim=True)).float()
+        return F.interpolate(mask[:, None], size=size, mode="nearest")[:, 0] > 0.5
+    upsampled = F.interpolate(saliency[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return upsampled > upsampled.mean(dim=(1, 2), keepdim=True)
 
 
@@ -99,9 +108,12 @@ class FeatureLayout:
         h, w = (int(v) for v in cfg.image_size)
         stride = backbone.patch_size
         if h % stride or w % stride:
-            raise ValueError(f"features.image_size {h}x{w} must be a multiple of the backbone's "
+            raise InputError(None, f"features.image_size {h}x{w} must be a multiple of the backbone's "
                              f"patch size {stride}")
         concept = (int(round(h * cfg.concept_scale)), int(round(w * cfg.concept_scale)))
+        if cfg.foreground == "concept_scale" and (concept[0] % stride or concept[1] % stride):
+            raise InputError(None, f"features.foreground concept_scale runs the backbone at the concept size "
+                             f"{concept[0]}x{concept[1]}, which must be a multiple of the patch size {stride}")
         windows = sliding_windows(*concept, list(cfg.crop_fractions), cfg.crop_stride)
         return cls((h, w), (h // stride, w // stride), concept, windows, backbone.embed_dim)
 
@@ -152,7 +164,12 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
         with_crops = [j for j in range(b1 - b0) if slots[b0 + j] >= 0]
         if with_crops and n_windows:
             concept = images_to_tensor([resize_image(originals[j], layout.concept_size) for j in with_crops]).to(device)
-            fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
+            if cfg.foreground == "concept_scale":      # one more pass, at the scale the crops come from
+                with torch.no_grad(), autocast(device):
+                    saliency = backbone(concept).saliency
+                fg = foreground_mask(saliency, layout.concept_size, threshold_first=True).cpu().numpy()
+            else:
+                fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
             kinds, owners, boxes = [], [], []
             for local, j in enumerate(with_crops):
                 kind, _ = classify_windows(fg[local], layout.windows, cfg.thing_fraction, cfg.stuff_fraction)

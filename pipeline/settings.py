@@ -27,7 +27,7 @@ PAPER: dict = {
     "backbone": {"name": "vit_small_patch8_224.dino", "weights": "", "batch_size": 32, "device": "auto"},
     "features": {"image_size": [320, 320], "concept_scale": 2.0, "crop_fractions": [0.5, 0.4, 0.3, 0.2],
                  "crop_stride": 0.5, "crop_size": 320, "pools": ["thing", "stuff"],
-                 "thing_fraction": 0.5, "stuff_fraction": 0.8, "chunk_images": 256},
+                 "thing_fraction": 0.5, "stuff_fraction": 0.8, "foreground": "concept_scale", "chunk_images": 256},
     "concepts": {"k": {"thing": 12, "stuff": 15}, "iterations": 100, "restarts": 1, "seed": 0,
                  "max_points_per_centroid": 256, "normalize": False},
     # grad_scale 1/8: the reference generates COCO pseudo labels in batches of 8 and averages the loss
@@ -87,7 +87,7 @@ def write_params(name: str, path: str | Path = "params.yaml", data_root: str | N
 # What the three 2-core settings share: the offline backbone and CPU-sized batches.
 _CPU = {
     "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
-    "features": {"crop_size": 96, "chunk_images": 32},
+    "features": {"crop_size": 96, "chunk_images": 32, "foreground": "upsampled"},
     # Grad-CAM (EfficientNet) maps are scale-free under min-max normalisation: no batch averaging
     "pseudolabels": {"batch_size": 16, "grad_scale": 1.0},
     "train": {"lr": 1.0e-4, "batch_size": 16, "num_workers": 2},
