@@ -5,7 +5,8 @@
 - `bottom_up`: k-means with the same number of clusters directly on the dense patch
   features (L2-normalised), fitted on the concept split: the bottom-up reference.
 
-Every row gives a score map per image at the patch grid of the training-size input;
+Every row gives a score map per image at the patch grid of the training-size input
+(the model row: of the protocol's model input, where the protocol has one, as `stego`);
 a protocol (registry below) decides the geometry in which predictions and labels
 are compared. One confusion matrix over the whole split per row, one Hungarian
 matching (`pipeline.metrics.SegmentationMetrics`).
@@ -23,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from PIL import Image
 
 from pipeline.backbones import backbone_from_config
 from pipeline.cam import normalize_cams
 from pipeline.concepts import Concepts
 from pipeline.config import Config
-from pipeline.data import Manifest, load_label, resize_image
+from pipeline.data import Manifest, images_to_tensor, load_label, resize_image, resize_label
 from pipeline.errors import InputError
 from pipeline.files import atomic_write, write_json
 from pipeline.metrics import SegmentationMetrics
@@ -44,12 +46,20 @@ class EvalProtocol:
 
     `target_size(native (H, W), train (H, W))` gives the size predictions are upsampled
     to; `crop(size)` the window of that grid that is scored (y0, x0, y1, x1).
+    `resize_label(label, size)` brings the label to `target_size` (None: nearest, torch's).
+    `model_input(image (H, W, 3) uint8) -> (h, w, 3) uint8`, when set, is what the model row is
+    fed: an image already in the scored window's geometry, so that the model's scores are only
+    upsampled to the window (None: the model sees the training-size image and its scores are
+    brought to the window like every row's). The pseudo_labels and bottom_up rows are stored
+    at the training size and always take the second way.
     """
 
     name: str
     description: str
     target_size: Callable[[tuple[int, int], tuple[int, int]], tuple[int, int]]
     crop: Callable[[tuple[int, int]], tuple[int, int, int, int]]
+    resize_label: Callable[[np.ndarray, tuple[int, int]], np.ndarray] | None = None
+    model_input: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 PROTOCOLS: Registry[EvalProtocol] = Registry("evaluation protocol", param="evaluate.protocol")
@@ -59,17 +69,34 @@ def _whole(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return 0, 0, size[0], size[1]
 
 
-def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
+# STEGO's evaluation input (github.com/mhamilton723/STEGO, src/eval_segmentation.py builds the
+# val set with transform=get_transform(cfg.res, False, "center") and target_transform=
+# get_transform(cfg.res, True, "center"), res 320 in src/configs/eval_config.yml; src/utils.py
+# get_transform: T.Resize(res, Image.NEAREST) then T.CenterCrop(res), for the image AND the
+# label, then ToTensor + ImageNet normalisation for the image). torchvision's Resize(int) matches
+# the shorter side and truncates the longer: int(res * long / short); CenterCrop's offsets are
+# int(round((H - res) / 2)), Python's round. Both on the PIL image, PIL's NEAREST.
+STEGO_RES = 320
+
+
+def _stego_size(native: tuple[int, int], side: int = STEGO_RES) -> tuple[int, int]:
+    h, w = native
+    return (int(side * h / w), side) if w <= h else (side, int(side * w / h))
+
+
+def _stego_crop(size: tuple[int, int], side: int = STEGO_RES) -> tuple[int, int, int, int]:
     h, w = size
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
+    y0, x0 = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
     return y0, x0, y0 + side, x0 + side
 
 
-def _shortest_side(native: tuple[int, int], side: int = 320) -> tuple[int, int]:
-    h, w = native
-    scale = side / min(h, w)
-    return max(side, int(round(h * scale))), max(side, int(round(w * scale)))
+def stego_image(image: np.ndarray) -> np.ndarray:
+    """The image (H, W, 3) uint8 as STEGO's model sees it: (320, 320, 3) uint8, nearest-resized
+    to shortest side 320 and centre-cropped (the backbone then scales to [0, 1] and normalises,
+    as STEGO's ToTensor + normalize)."""
+    h, w = _stego_size(image.shape[:2])
+    y0, x0, y1, x1 = _stego_crop((h, w))
+    return np.asarray(Image.fromarray(np.asarray(image)).resize((w, h), Image.Resampling.NEAREST))[y0:y1, x0:x1]
 
 
 PROTOCOLS.register("reference", EvalProtocol(
@@ -79,8 +106,10 @@ PROTOCOLS.register("native", EvalProtocol(
     "native", "predictions upsampled (bilinear scores) to each label's own resolution",
     lambda native, train: tuple(native), _whole))
 PROTOCOLS.register("stego", EvalProtocol(
-    "stego", "shortest side resized to 320, centre crop 320x320, as STEGO (no CRF)",
-    lambda native, train: _shortest_side(native), _centre_square))
+    "stego", "as STEGO's eval: image and label resized (nearest) to shortest side 320 and centre-cropped "
+             "320x320; the model is fed that crop (evaluate.flip: STEGO's flip averaging). pseudo_labels and "
+             "bottom_up are stored at the training size: their scores are upsampled to that geometry",
+    lambda native, train: _stego_size(native), _stego_crop, resize_label, stego_image))
 
 
 def _resize_label_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -91,15 +120,27 @@ def _resize_label_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarra
 
 
 def score_to_prediction(scores: torch.Tensor, native: tuple[int, int], train: tuple[int, int],
-                        protocol: EvalProtocol, image: np.ndarray | None = None) -> np.ndarray:
+                        protocol: EvalProtocol, image: np.ndarray | None = None, *,
+                        at_input: bool = False) -> np.ndarray:
     """Scores (K, h, w) -> predicted cluster ids in the protocol's geometry.
 
+    `at_input`: the scores are of the protocol's model input (`protocol.model_input`), which
+    is the scored window itself: they are only upsampled (bilinear) to it, as STEGO upsamples
+    its output to the label's size (src/eval_segmentation.py). Otherwise they are of the
+    training-size image: upsampled to `target_size`, then cropped.
     With `image` (the native (H, W, 3) uint8 image), the scores are read as logits and
     refined by a dense CRF on that image in the same geometry before the argmax.
     """
     size = protocol.target_size(native, train)
-    up = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     y0, x0, y1, x1 = protocol.crop(size)
+    if at_input:
+        if protocol.model_input is None:
+            raise ValueError(f"protocol {protocol.name!r} has no model input of its own")
+        up = F.interpolate(scores[None].float(), size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0]
+        if image is not None:
+            return dense_crf(protocol.model_input(image), up.softmax(0).numpy()).argmax(0)
+        return up.argmax(0).numpy()
+    up = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     up = up[:, y0:y1, x0:x1]
     if image is not None:
         return dense_crf(resize_image(image, size)[y0:y1, x0:x1], up.softmax(0).numpy()).argmax(0)
@@ -127,7 +168,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10) -> np.
 
 def label_in_protocol(label: np.ndarray, train: tuple[int, int], protocol: EvalProtocol) -> np.ndarray:
     size = protocol.target_size(tuple(label.shape), train)
-    resized = _resize_label_nearest(label, size)
+    resized = (protocol.resize_label or _resize_label_nearest)(label, size)
     y0, x0, y1, x1 = protocol.crop(size)
     return resized[y0:y1, x0:x1]
 
@@ -176,7 +217,9 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
                   crf: frozenset[str] = frozenset(), show_progress: bool = True) -> dict:
     """Score every source (name -> index -> scores (K, h, w)) over the images of eval_indices.
 
-    Sources named in `crf` are refined with a dense CRF on the image before the argmax.
+    Sources named in `crf` are refined with a dense CRF on the image before the argmax. A
+    source with `at_input` true (a ModelScores fed `model_images(manifest, protocol, ...)`)
+    gives scores of the protocol's model input rather than of the training-size image.
     """
     proto = PROTOCOLS.get(protocol)
     num_classes = len(manifest.class_names)
@@ -192,7 +235,7 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
         image = manifest.image(i) if crf else None
         for name, source in sources.items():
             pred = score_to_prediction(source(i), (record.height, record.width), train_size, proto,
-                                       image if name in crf else None)
+                                       image if name in crf else None, at_input=getattr(source, "at_input", False))
             meters[name].update(pred, target)
     rows = {}
     for name, meter in meters.items():
@@ -200,10 +243,21 @@ def evaluate_rows(manifest: Manifest, eval_indices: list[int], sources: dict[str
         result["per_class_iou"] = dict(zip(manifest.class_names, result["per_class_iou"]))
         rows[name] = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                       "per_class_iou": result["per_class_iou"], "num_clusters": num_clusters[name],
-                      "protocol": proto.name + ("+crf" if name in crf else ""), "matching": result["matching"],
+                      "protocol": proto.name + ("+flip" if getattr(sources[name], "flip", False) else "")
+                      + ("+crf" if name in crf else ""), "matching": result["matching"],
                       "confusion": result["confusion"], "num_pixels": result["num_pixels"]}
         log(f"evaluate: {name:14s} mIoU {result['miou']:6.2f}  pixel accuracy {result['pixel_accuracy']:6.2f}")
     return rows
+
+
+def model_images(manifest: Manifest, protocol: EvalProtocol, train_size: tuple[int, int]
+                 ) -> Callable[[list[int]], torch.Tensor]:
+    """What the model row is fed under `protocol`: `images_of(batch) -> (B, 3, H, W)` in [0, 1].
+    The protocol's own model input (stego: STEGO's 320x320 centre crop) or, without one, the
+    training-size image. Pair it with ModelScores(..., at_input=protocol.model_input is not None)."""
+    if protocol.model_input is None:
+        return lambda batch: manifest.batch(batch, train_size)
+    return lambda batch: images_to_tensor([protocol.model_input(manifest.image(i)) for i in batch])
 
 
 class ModelScores:
@@ -212,25 +266,36 @@ class ModelScores:
     Asked in the order of `indices` (as `evaluate_rows` does), each batch runs once and
     only one batch is held, so memory stays flat over any split size (171 classes on
     5,000 COCO images would be 5 GB of logits at once).
+
+    `flip`: STEGO's test-time flip averaging (src/eval_segmentation.py: `(code1 +
+    code2.flip(dims=[3])) / 2`, code2 the output for the flipped image), here of the logits.
+    `at_input`: the images of `images_of` are the protocol's model input (`model_images`),
+    read by `evaluate_rows`.
     """
 
     def __init__(self, model: torch.nn.Module, images_of: Callable[[list[int]], torch.Tensor],
-                 indices: list[int], batch_size: int, device: torch.device) -> None:
+                 indices: list[int], batch_size: int, device: torch.device, *, flip: bool = False,
+                 at_input: bool = False) -> None:
         self.model = model.to(device).eval()
         self.images_of = images_of
         self.indices = list(indices)
         self.position = {index: pos for pos, index in enumerate(self.indices)}
         self.batch_size = batch_size
         self.device = device
+        self.flip = flip
+        self.at_input = at_input
         self._cache: dict[int, torch.Tensor] = {}
 
     def __call__(self, index: int) -> torch.Tensor:
         if index not in self._cache:
             start = self.position[index]
             batch = self.indices[start:start + self.batch_size]
+            images = self.images_of(batch).to(self.device)
             with torch.no_grad(), autocast(self.device):
-                logits = self.model(self.images_of(batch).to(self.device)).float().cpu()
-            self._cache = dict(zip(batch, logits))
+                logits = self.model(images).float()
+                if self.flip:
+                    logits = (logits + self.model(images.flip(dims=[3])).float().flip(dims=[3])) / 2
+            self._cache = dict(zip(batch, logits.cpu()))
         return self._cache[index]
 
     @property
@@ -288,10 +353,12 @@ def evaluate_stage(config: Config) -> None:
 
     backbone = backbone_from_config(config.backbone)
     model = load_segmenter(backbone, config.path("model"))
-    model_scores = ModelScores(model, lambda batch: manifest.batch(batch, size), scored,
-                               config.evaluate.batch_size, device)
-    info = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf, "split": split,
-            "images": len(labelled), "dataset": manifest.dataset,
+    protocol = PROTOCOLS.get(config.evaluate.protocol)
+    model_scores = ModelScores(model, model_images(manifest, protocol, size), scored,
+                               config.evaluate.batch_size, device, flip=config.evaluate.flip,
+                               at_input=protocol.model_input is not None)
+    info = {"protocol": config.evaluate.protocol, "crf": config.evaluate.crf, "flip": config.evaluate.flip,
+            "split": split, "images": len(labelled), "dataset": manifest.dataset,
             "model_selection": "last checkpoint (no labels used)"}
     if not labelled:
         reason = (f"no labels in split '{split}' of the {manifest.dataset} dataset at {manifest.root}: "

@@ -57,7 +57,8 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
                 raise ValueError(f"cam shape {handle['cam'].shape} != {(len(ids), k, *grid)}")
 
     if not resume_or_restart(partial, check, "pseudolabels", log):
-        create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs)
+        create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs,
+                                cam_dtype=cfg.cam_dtype)
 
     backbone.to(device).eval()
     centroids = torch.from_numpy(concepts.centroids).float().to(device)
@@ -73,7 +74,7 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
                 cams = concept_maps(backbone, images, centroids, cfg)
                 labels = cams_to_labels(cams)
                 # h5py fancy indexing wants increasing indices; `todo` is sorted.
-                handle["cam"][batch] = cams.float().cpu().numpy().astype(np.float16)
+                handle["cam"][batch] = cams.float().cpu().numpy().astype(cfg.cam_dtype)  # pseudolabels.cam_dtype
                 handle["label"][batch] = labels.cpu().numpy().astype(handle["label"].dtype)
                 handle["done"][batch] = True
                 handle.flush()

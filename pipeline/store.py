@@ -310,19 +310,23 @@ def create_pseudolabel_file(
     num_concepts: int,
     grid: tuple[int, int],
     attrs: dict,
+    cam_dtype: str = "float16",
 ) -> None:
-    """HDF5 file with `cam` (N, K, h, w) float16 chunked per image, `label` (N, h, w) uint8,
-    `image_id` (N,), and `done` (N,) bool, which lets an interrupted run resume."""
+    """HDF5 file with `cam` (N, K, h, w) of `cam_dtype` (float16 | float32, recorded in the
+    attribute `cam_dtype`) chunked per image, `label` (N, h, w) uint8, `image_id` (N,), and
+    `done` (N,) bool, which lets an interrupted run resume."""
+    if cam_dtype not in ("float16", "float32"):
+        raise ValueError(f"cam_dtype must be float16 or float32, got {cam_dtype!r}")
     h, w = grid
     n = len(image_ids)
     label_dtype = "uint8" if num_concepts < 255 else "uint16"
     with h5py.File(path, "w") as handle:
-        handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype="float16",
+        handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype=cam_dtype,
                               chunks=(1, num_concepts, h, w), compression="gzip", compression_opts=1)
         handle.create_dataset("label", shape=(n, h, w), dtype=label_dtype, chunks=(1, h, w))
         handle.create_dataset("image_id", data=np.array(image_ids, dtype=h5py.string_dtype()))
         handle.create_dataset("done", shape=(n,), dtype="bool", fillvalue=False)
-        for key, value in attrs.items():
+        for key, value in {**attrs, "cam_dtype": cam_dtype}.items():
             handle.attrs[key] = json.dumps(value, default=json_default)
 
 

@@ -86,3 +86,124 @@ def test_model_scores_run_each_batch_once_and_hold_one():
     assert values == [10.0, 14.0, 18.0, 22.0, 26.0]
     assert calls == [[5, 7], [9, 11], [13]]           # each batch once, num_clusters included
     assert len(scores._cache) == 1
+
+
+# ----------------------------------------------------------------------------- stego: what the model is fed
+SIZES = [(97, 151), (360, 480), (480, 360), (427, 640), (321, 999), (320, 320), (200, 200)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_stego_input_and_label_are_stegos_transform(size):
+    """STEGO src/utils.py get_transform(320, is_label, "center"): T.Resize(320, NEAREST), T.CenterCrop(320)."""
+    pytest.importorskip("torchvision")
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from pipeline.evaluate import stego_image
+
+    stego = T.Compose([T.Resize(320, T.InterpolationMode.NEAREST), T.CenterCrop(320)])
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, size=size, dtype=np.uint8)
+    np.testing.assert_array_equal(stego_image(image), np.asarray(stego(Image.fromarray(image))))
+    np.testing.assert_array_equal(label_in_protocol(label, (32, 48), PROTOCOLS.get("stego")),
+                                  np.asarray(stego(Image.fromarray(label))))
+
+
+def _pixel_dataset(tmp_path, sizes):
+    """A manifest of images whose red channel is 255 x their label (random per pixel), so a
+    model reading the label off its input is exact only when input and label share a geometry."""
+    from PIL import Image
+
+    from pipeline.data import ImageRecord, Manifest
+
+    rng = np.random.default_rng(1)
+    records = []
+    for n, (h, w) in enumerate(sizes):
+        label = rng.integers(0, 2, size=(h, w), dtype=np.uint8)
+        image = np.stack([label * 255, rng.integers(0, 256, size=(h, w)), np.zeros_like(label)], -1).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{n}.png")
+        Image.fromarray(label).save(tmp_path / f"{n}_label.png")
+        records.append(ImageRecord(str(n), "val", f"{n}.png", f"{n}_label.png", h, w))
+    return Manifest("synthetic", ["off", "on"], records=records, root=str(tmp_path))
+
+
+class RedReader(torch.nn.Module):
+    """Per-pixel logits (off, on) from the red channel; records every input it gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.cat([1 - x[:, :1], x[:, :1]], dim=1)
+
+
+def test_stego_feeds_the_model_the_shortest_side_320_centre_crop(tmp_path):
+    from PIL import Image
+
+    from pipeline.data import images_to_tensor
+    from pipeline.evaluate import ModelScores, evaluate_rows, model_images
+
+    sizes = [(97, 151), (120, 90), (97, 98)]
+    manifest = _pixel_dataset(tmp_path, sizes)
+    stego = PROTOCOLS.get("stego")
+    model = RedReader()
+    train = (32, 48)
+    scores = ModelScores(model, model_images(manifest, stego, train), [0, 1, 2], batch_size=1,
+                         device=torch.device("cpu"), at_input=True)
+    rows = evaluate_rows(manifest, [0, 1, 2], {"model": scores, "pseudo_labels": lambda i: torch.rand(2, 4, 6)},
+                         {"model": 2, "pseudo_labels": 2}, train_size=train, protocol="stego", show_progress=False)
+    # what the model got, computed here by hand: 97x151 -> 320x498 (int(320 * 151 / 97)), columns
+    # round(178 / 2) = 89 ..; 120x90 -> 426x320 (int(320 * 120 / 90)), rows round(106 / 2) = 53 ..;
+    # 97x98 -> 320x323, columns round(3 / 2) = 2 .. (torchvision's CenterCrop; not 3 // 2 = 1)
+    boxes = [((320, 498), (0, 89)), ((426, 320), (53, 0)), ((320, 323), (0, 2))]
+    assert len(model.inputs) == 3
+    for i, ((h, w), (y0, x0)) in enumerate(boxes):
+        resized = np.asarray(Image.fromarray(manifest.image(i)).resize((w, h), Image.Resampling.NEAREST))
+        np.testing.assert_array_equal(model.inputs[i].numpy(), images_to_tensor(resized[y0:y0 + 320, x0:x0 + 320]).numpy())
+    assert rows["model"]["pixel_accuracy"] == 100.0 and rows["model"]["miou"] == 100.0
+    assert rows["model"]["num_pixels"] == rows["pseudo_labels"]["num_pixels"] == 3 * 320 * 320
+    assert rows["model"]["protocol"] == rows["pseudo_labels"]["protocol"] == "stego"
+
+
+def test_reference_and_native_still_feed_the_training_size_image(tmp_path):
+    from pipeline.evaluate import model_images
+
+    manifest = _pixel_dataset(tmp_path, [(97, 151)])
+    for name in ("reference", "native"):
+        protocol = PROTOCOLS.get(name)
+        assert protocol.model_input is None
+        np.testing.assert_array_equal(model_images(manifest, protocol, (32, 48))([0]).numpy(),
+                                      manifest.batch([0], (32, 48)).numpy())
+    with pytest.raises(ValueError, match="no model input"):
+        score_to_prediction(torch.zeros(2, 4, 6), (97, 151), (32, 48), PROTOCOLS.get("reference"), at_input=True)
+
+
+def test_flip_averages_the_logits_of_the_flipped_image_flipped_back():
+    from pipeline.evaluate import ModelScores
+
+    class Asymmetric(torch.nn.Module):
+        """Logits that are not flip-equivariant: the input plus a ramp along the width."""
+
+        def __init__(self):
+            super().__init__()
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.clone())
+            return x[:, :2] + torch.arange(x.shape[-1], dtype=x.dtype) ** 2
+
+    images = torch.rand(2, 3, 4, 5)
+    model = Asymmetric()
+    plain = ModelScores(model, lambda batch: images[batch], [0, 1], batch_size=2, device=torch.device("cpu"))
+    flipped = ModelScores(model, lambda batch: images[batch], [0, 1], batch_size=2, device=torch.device("cpu"),
+                          flip=True)
+    ramp = torch.arange(5, dtype=torch.float32) ** 2
+    expected = images[:, :2] + (ramp + ramp.flip(0)) / 2       # (m(x) + flip(m(flip(x)))) / 2
+    for i in (0, 1):
+        torch.testing.assert_close(plain(i), images[i, :2] + ramp)
+        torch.testing.assert_close(flipped(i), expected[i])
+    torch.testing.assert_close(model.inputs[-1], images.flip(dims=[3]))   # the flipped image was fed
+    assert len(model.inputs) == 3                                          # plain once, flipped twice
