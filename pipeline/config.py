@@ -53,7 +53,11 @@ class FeaturesConfig:
     image_size: list[int] = field(default_factory=lambda: [224, 224])  # training size (H, W)
     concept_scale: float = 2.0          # crops are cut from the image resized to this x training size
     crop_fractions: list[float] = field(default_factory=lambda: [0.5, 0.4, 0.3, 0.2])
-    crop_stride: float = 0.5            # stride as a fraction of the window side
+    crop_stride: float = 0.5            # stride as a fraction of the window side ("even" windows)
+    # "even": square windows of fraction x the shorter side every crop_stride x side, plus one
+    # flush with the far border; "reference": models/utils/bbox_anchors.py's windows on the patch
+    # grid of the concept-scale image (2-6% larger, the positions of the reference).
+    windows: str = "even"
     crop_size: int = 320                # every crop is resized to crop_size x crop_size
     pools: list[str] = field(default_factory=lambda: ["thing", "stuff"])  # thing, stuff, all
     thing_fraction: float = 0.5         # thing crop: more than this share is foreground
@@ -67,8 +71,8 @@ class FeaturesConfig:
     chunk_images: int = 64              # images per progress/resume shard
 
     def __post_init__(self) -> None:
-        if self.foreground not in ("upsampled", "concept_scale"):
-            raise ValueError(f"foreground must be one of upsampled, concept_scale; got {self.foreground!r}")
+        _check_choice("foreground", self.foreground, ("upsampled", "concept_scale"))
+        _check_choice("windows", self.windows, ("even", "reference"))
 
 
 @dataclass
@@ -77,8 +81,22 @@ class ConceptsConfig:
     iterations: int = 100
     restarts: int = 1                   # k-means runs from different seeds; the best objective is kept
     seed: int = 0
-    max_points_per_centroid: int = 256  # faiss' subsampling for training; all crops are assigned
+    # Crops k-means is trained on: None = every crop of the pool (the reference: faiss' subsampling
+    # off); n = a random k x n of them (faiss' subsampling). Every crop is assigned either way.
+    max_points_per_centroid: int | None = None
     normalize: bool = False             # L2-normalise crop embeddings before k-means
+    # faiss (k-means, reference COCO-Stuff and VOC) | minibatch (sklearn MiniBatchKMeans, reference
+    # Cityscapes and LIP; restarts = its n_init)
+    algorithm: str = "faiss"
+    recompute_centroids: bool = True    # each centroid = mean of the crops assigned to it, as the reference
+
+    def __post_init__(self) -> None:
+        _check_choice("algorithm", self.algorithm, ("faiss", "minibatch"))
+        if self.max_points_per_centroid is not None and not (
+                isinstance(self.max_points_per_centroid, int) and not isinstance(self.max_points_per_centroid, bool)
+                and self.max_points_per_centroid >= 1):
+            raise ValueError(f"max_points_per_centroid must be a positive integer or null (every crop), "
+                             f"got {self.max_points_per_centroid!r}")
 
 
 @dataclass
@@ -91,12 +109,20 @@ class PseudoLabelsConfig:
     # image's loss is its own; the reference averaged it over its batch of B images, i.e.
     # grad_scale = 1/B (B = 8 for COCO and VOC, 2 for Cityscapes and LIP: Command.md).
     grad_scale: float = 1.0
+    # dtype of the stored CAMs (pseudolabels.h5 `cam`). A ViT CAM is attn / max(attn) plus a small
+    # gradient term: float16 (11 significant bits) ties or flips the argmax of many pixels
+    # (benchmarks/bench_cam_precision.py); float32 stores exactly what was computed.
+    cam_dtype: str = "float32"          # float32 | float16
+
+    def __post_init__(self) -> None:
+        _check_choice("cam_dtype", self.cam_dtype, ("float16", "float32"))
 
 
 @dataclass
 class EvaluateConfig:
     protocol: str = "reference"         # reference | native | stego (`transfgu protocols`)
     crf: bool = False                   # dense-CRF refinement of the model row (needs the [crf] extra)
+    flip: bool = False                  # model row: mean of the logits and those of the flipped image, flipped back (STEGO)
     batch_size: int = 16
     bottom_up_seed: int = 0
 
@@ -117,6 +143,10 @@ class TrainConfig:
     # with repeat 20 for Cityscapes and VOC, DataLoader(drop_last=True) in every *_trainval.py).
     repeat: int = 1
     drop_last: bool = True
+    # Size (H, W) the training images are read at; None = features.image_size, the size the
+    # CAMs were computed at (they are cropped onto each augmented crop's patch grid either way).
+    # LIP-5/16 train at 480x240 on CAMs of 640x320 (reference: lip_trainval.py resize 240).
+    image_size: list[int] | None = None
     weight_decay: float = 5e-4          # Adam L2; biases and 1-D (norm) parameters are exempt
     grad_clip_value: float = 1.0        # element-wise clamp of every gradient to +-value
     # decoder (paper: 2 blocks, 6 heads, d = backbone width, dropout 0.1)

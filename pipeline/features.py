@@ -16,6 +16,7 @@ upsampled to the concept scale, rather than from a second forward pass at 2x: at
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,40 @@ def sliding_windows(height: int, width: int, fractions: list[float], stride: flo
         for y0 in window_positions(height, side, step):
             for x0 in window_positions(width, side, step):
                 boxes.append((y0, x0, y0 + side, x0 + side))
+    return np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
+
+
+def reference_windows(height: int, width: int, patch: int, fractions: list[float]) -> np.ndarray:
+    """The reference's windows (models/utils/bbox_anchors.py with the crop of cocostuff_crop.py),
+    as (W, 4) (y0, x0, y1, x1) pixel boxes of a height x width image on a patch grid.
+
+    On the grid of (gh, gw) = (height/patch, width/patch) cells, a window of fraction f has
+    s = int(min(gh f, gw f)) and covers the cells within s/2 of its centre: s + 1 cells for an
+    even s, so windows are 2-6% larger than f x the side. Centres lie on multiples of s/2
+    (plus those flush with a border), scanned row by row. The pixel box spans its cells, less
+    the last pixel (the reference slices [min:max] of the upsampled mask).
+    """
+    if height % patch or width % patch:
+        raise InputError(None, f"reference windows need a concept size on the patch grid; got {height}x{width}, "
+                               f"patch {patch}")
+    gh, gw = height // patch, width // patch
+    boxes = []
+    for fraction in fractions:
+        side = int(min(gh * fraction, gw * fraction))
+        half = interval = side / 2
+        for cy in range(gh):
+            for cx in range(gw):
+                if cx - half < 0 or cy - half < 0 or cx + half >= gw or cy + half >= gh:
+                    continue
+                on_x, on_y = cx % interval == 0, cy % interval == 0
+                flush_x, flush_y = cx - half == 0 or cx + half == gw - 1, cy - half == 0 or cy + half == gh - 1
+                if (on_x and on_y) or (on_y and flush_x) or (on_x and flush_y) or \
+                        (cx + half == gw - 1 and cy + half == gh - 1):
+                    y0, x0 = math.ceil(cy - half), math.ceil(cx - half)
+                    y1, x1 = math.floor(cy + half), math.floor(cx + half)
+                    boxes.append((y0 * patch, x0 * patch, (y1 + 1) * patch - 1, (x1 + 1) * patch - 1))
+    if not boxes:
+        raise InputError(None, f"no reference window fits a {height}x{width} image with fractions {fractions}")
     return np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
 
 
@@ -111,10 +146,13 @@ class FeatureLayout:
             raise InputError(None, f"features.image_size {h}x{w} must be a multiple of the backbone's "
                              f"patch size {stride}")
         concept = (int(round(h * cfg.concept_scale)), int(round(w * cfg.concept_scale)))
-        if cfg.foreground == "concept_scale" and (concept[0] % stride or concept[1] % stride):
-            raise InputError(None, f"features.foreground concept_scale runs the backbone at the concept size "
-                             f"{concept[0]}x{concept[1]}, which must be a multiple of the patch size {stride}")
-        windows = sliding_windows(*concept, list(cfg.crop_fractions), cfg.crop_stride)
+        if (cfg.foreground == "concept_scale" or cfg.windows == "reference") and \
+                (concept[0] % stride or concept[1] % stride):
+            raise InputError(None, f"features.foreground concept_scale and features.windows reference work on the "
+                                   f"patch grid of the concept size {concept[0]}x{concept[1]}, which must be a "
+                                   f"multiple of the patch size {stride}")
+        windows = reference_windows(*concept, stride, list(cfg.crop_fractions)) if cfg.windows == "reference" \
+            else sliding_windows(*concept, list(cfg.crop_fractions), cfg.crop_stride)
         return cls((h, w), (h // stride, w // stride), concept, windows, backbone.embed_dim)
 
 

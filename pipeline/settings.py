@@ -27,15 +27,20 @@ PAPER: dict = {
     "backbone": {"name": "vit_small_patch8_224.dino", "weights": "", "batch_size": 32, "device": "auto"},
     "features": {"image_size": [320, 320], "concept_scale": 2.0, "crop_fractions": [0.5, 0.4, 0.3, 0.2],
                  "crop_stride": 0.5, "crop_size": 320, "pools": ["thing", "stuff"],
-                 "thing_fraction": 0.5, "stuff_fraction": 0.8, "foreground": "concept_scale", "chunk_images": 256},
+                 "thing_fraction": 0.5, "stuff_fraction": 0.8, "foreground": "concept_scale", "windows": "reference",
+                 "chunk_images": 256},
+    # k-means on every crop (utils/kmeans.py sets faiss' max_points_per_centroid to 10,000,000:
+    # subsampling off), then each centroid = the mean of its members, as train_kmeans_faiss
     "concepts": {"k": {"thing": 12, "stuff": 15}, "iterations": 100, "restarts": 1, "seed": 0,
-                 "max_points_per_centroid": 256, "normalize": False},
+                 "max_points_per_centroid": None, "normalize": False, "algorithm": "faiss",
+                 "recompute_centroids": True},
     # grad_scale 1/8: the reference generates COCO pseudo labels in batches of 8 and averages the loss
+    # cam_dtype float32: float16 flips the argmax of ViT CAMs (benchmarks/bench_cam_precision.py)
     "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32,
-                     "grad_scale": 0.125},
+                     "grad_scale": 0.125, "cam_dtype": "float32"},
     # Every training constant, so that any of them can be set with `dvc exp run -S train.<key>=...`.
     "train": {**TrainConfig().to_dict(), "num_workers": 8},
-    "evaluate": {"protocol": "reference", "crf": False, "batch_size": 64, "bottom_up_seed": 0},
+    "evaluate": {"protocol": "reference", "crf": False, "flip": False, "batch_size": 64, "bottom_up_seed": 0},
 }
 
 
@@ -87,9 +92,12 @@ def write_params(name: str, path: str | Path = "params.yaml", data_root: str | N
 # What the three 2-core settings share: the offline backbone and CPU-sized batches.
 _CPU = {
     "backbone": {"name": "efficientnet_lite0", "batch_size": 16},
-    "features": {"crop_size": 96, "chunk_images": 32, "foreground": "upsampled"},
+    "features": {"crop_size": 96, "chunk_images": 32, "foreground": "upsampled", "windows": "even"},
     # Grad-CAM (EfficientNet) maps are scale-free under min-max normalisation: no batch averaging
-    "pseudolabels": {"batch_size": 16, "grad_scale": 1.0},
+    "pseudolabels": {"batch_size": 16, "grad_scale": 1.0, "cam_dtype": "float16"},
+    # k-means trained on 256 sampled crops per concept, centroids as k-means leaves them: the
+    # README's demo and CamVid figures were measured so
+    "concepts": {"max_points_per_centroid": 256, "algorithm": "faiss", "recompute_centroids": False},
     "train": {"lr": 1.0e-4, "batch_size": 16, "num_workers": 2},
     "evaluate": {"batch_size": 16},
 }
@@ -151,7 +159,10 @@ register_setting(Setting(
 register_setting(Setting(
     "cityscapes27", "Cityscapes 27 classes, one pool of all windows (306 per image)",
     {"data": {"dataset": "cityscapes27", "root": "data/cityscapes"},
-     "features": {"image_size": [320, 640], "pools": ["all"]}, "concepts": {"k": {"all": 27}},
+     "features": {"image_size": [320, 640], "pools": ["all"]},
+     # cityscapes_generate_pseudo_label.py clusters with utils/kmeans.train_kmeans: sklearn's
+     # MiniBatchKMeans, whose n_init was 3 in the pinned scikit-learn 1.0.1 (requirements.txt)
+     "concepts": {"k": {"all": 27}, "algorithm": "minibatch", "restarts": 3},
      # configs/cityscapes.yaml: repeat 20; Command.md: pseudo labels in batches of 2
      "pseudolabels": {"grad_scale": 0.5},
      "train": {"epochs": 50, "lr": 5.0e-5, "teacher_interval": 1, "bootstrap_start": 1, "repeat": 20}},
@@ -164,15 +175,20 @@ register_setting(Setting(
      # configs/pascalvoc.yaml: repeat 20
      "train": {"epochs": 100, "batch_size": 512, "bootstrap_start": 5, "repeat": 20,
                "teacher_interval": [5, 5, 5, 5, 4, 4, 4, 4, 4, 3]}}, "37.15 / 83.59"))
-for _k, _size, _lr, _batch, _interval, _start, _paper in [
+# LIP (reference lip_*.py): crops cut from 1280x640 images (concept scale 2), CAMs and evaluation
+# at 640x320 (lip_generate_pseudo_label.py, lip_trainval.py's val resize 320); LIP-5 and LIP-16
+# train at 480x240 (Command.md: dataset.resize=240), LIP-19 at 640x320.
+for _k, _train_size, _lr, _batch, _interval, _start, _paper in [
     (5, [480, 240], 1.0e-4, 512, 2, 2, "25.16 / 65.76"),
     (16, [480, 240], 2.0e-5, 512, 2, 2, "15.49 / 60.08"),
-    (19, [640, 320], 2.0e-5, 256, [3, 3, 3, 2], 3, "12.24 / 42.52"),
+    (19, None, 2.0e-5, 256, [3, 3, 3, 2], 3, "12.24 / 42.52"),
 ]:
     register_setting(Setting(
         f"lip{_k}", f"LIP, {_k} part groups + background (one pool)",
         {"data": {"dataset": f"lip{_k}", "root": "data/LIP"},
-         "features": {"image_size": _size, "pools": ["all"]}, "concepts": {"k": {"all": _k}},
+         "features": {"image_size": [640, 320], "pools": ["all"]},
+         # lip_generate_pseudo_label.py: utils/kmeans.train_kmeans, MiniBatchKMeans (n_init 3 in 1.0.1)
+         "concepts": {"k": {"all": _k}, "algorithm": "minibatch", "restarts": 3},
          "pseudolabels": {"background": True, "grad_scale": 0.5},     # Command.md: batches of 2
          "train": {"epochs": 100, "lr": _lr, "batch_size": _batch, "teacher_interval": _interval,
-                   "bootstrap_start": _start}}, _paper))
+                   "bootstrap_start": _start, "image_size": _train_size}}, _paper))

@@ -40,5 +40,21 @@ def test_concept_scale_needs_a_concept_size_on_the_patch_grid(vit_tiny):
     cfg = FeaturesConfig(image_size=[64, 64], concept_scale=1.5625, foreground="concept_scale")   # 100x100
     with pytest.raises(InputError, match="multiple of the patch size 8"):
         FeatureLayout.from_config(cfg, vit_tiny)
-    with pytest.raises(ValueError, match="foreground must be one of"):
+    with pytest.raises(ValueError, match="foreground must be one of upsampled, concept_scale"):
         FeaturesConfig(foreground="attention")
+
+
+def test_reference_windows_are_the_reference_anchors():
+    """Boxes of the reference's generate_box_anchors_by_scale(h, w, scales=(0.5, 0.4, 0.3, 0.2))
+    upsampled to pixels as cocostuff_crop.py does (computed by running the reference code once;
+    (y0, x0, y1, x1) with y1, x1 the exclusive ends it slices with)."""
+    from pipeline.features import reference_windows
+
+    coco = reference_windows(640, 640, 8, [0.5, 0.4, 0.3, 0.2])            # 80 x 80 grid
+    assert len(coco) == 142
+    assert coco[:3].tolist() == [[0, 0, 327, 327], [0, 160, 327, 487], [0, 312, 327, 639]]
+    assert coco[-3:].tolist() == [[504, 384, 639, 519], [504, 448, 639, 583], [504, 504, 639, 639]]
+    assert len(reference_windows(320, 640, 8, [0.5, 0.4, 0.3, 0.2])) == 306   # 40 x 80
+    odd = reference_windows(240, 320, 8, [0.5, 0.4, 0.3, 0.2])               # 30 x 40: odd sides
+    assert len(odd) == 140 and odd[:2].tolist() == [[64, 64, 183, 183], [64, 184, 183, 303]]
+    assert odd[-1].tolist() == [184, 264, 239, 319]

@@ -132,5 +132,14 @@ def test_paper_setting_matches_the_reference(name):
     assert params["pseudolabels"]["grad_scale"] == pytest.approx(expected["grad_scale"])
 
 
+@pytest.mark.parametrize("name, train_size", [("lip5", [480, 240]), ("lip16", [480, 240]), ("lip19", None)])
+def test_lip_sizes_as_the_reference(name, train_size):
+    """lip_crop.py cuts crops from 1280x640, lip_generate_pseudo_label.py computes CAMs at 640x320 (80x40),
+    lip_trainval.py evaluates at 640x320 and trains at dataset.resize (240 in Command.md for LIP-5/16)."""
+    params = SETTINGS.get(name).params()
+    assert params["features"]["image_size"] == [640, 320] and params["features"]["concept_scale"] == 2.0
+    assert params["train"]["image_size"] == train_size
+
+
 def test_every_paper_row_is_in_the_reference_table():
     assert set(PAPER_ROWS) | {"cocostuff27_curated"} == set(REFERENCE)

@@ -340,3 +340,18 @@ def test_uncertainty_of_the_foreground_only():
     torch.testing.assert_close(uncertainty_loss(logits[:, :2], where), expected)
     assert uncertainty_loss(logits[:, :2], torch.zeros_like(where)).item() == 0.0
     torch.testing.assert_close(uncertainty_loss(logits[:, :2]), (1 + expected) / 2)   # pixel 1: a tie
+
+
+def test_training_images_at_another_size_than_the_cams(tmp_path, tiny_backbone):
+    """train.image_size (LIP-5/16: 480x240 images on 640x320 CAMs): the CAMs are cropped onto each
+    crop's patch grid whatever their own resolution; the model still learns the mapping."""
+    images, cams, labels = colour_block_data(64, seed=5)
+    big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)          # 128x128 images, CAMs still 8x8
+    model_path = train_segmenter(tiny_backbone(), make_dataset(big, cams), 3, fast_config(epochs=3), tmp_path,
+                                 log_fn=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
+    assert float(rows[-1]["ce"]) < float(rows[0]["ce"])
+    model = load_segmenter(tiny_backbone(), model_path)
+    logits = predict_logits(model, torch.from_numpy(big[:8]).permute(0, 3, 1, 2).float() / 255)
+    predicted = logits.argmax(1)[:, ::2, ::2].numpy()                   # 16x16 grid back onto the 8x8 labels
+    assert (predicted == labels[:8]).mean() > 0.6, (predicted == labels[:8]).mean()

@@ -8,6 +8,7 @@ from pipeline.backbones import backbone_from_config
 from pipeline.concepts import Concepts
 from pipeline.config import Config
 from pipeline.data import Manifest
+from pipeline.errors import InputError
 from pipeline.files import fingerprint, write_json
 from pipeline.runtime import log
 from pipeline.store import CamReader, open_pseudolabels_of, read_h5_attrs
@@ -30,14 +31,18 @@ def train_stage(config: Config) -> None:
     train_config = config.train
     if train_config.device == "auto":
         train_config.device = config.backbone.device
+    size = tuple(int(v) for v in (train_config.image_size or config.image_size))
+    if len(size) != 2 or size[0] % backbone.patch_size or size[1] % backbone.patch_size:
+        raise InputError(None, f"train.image_size {list(size)} must be (H, W), multiples of the patch size "
+                               f"{backbone.patch_size}")
     model_dir = config.path("model").parent
     forget_stale_checkpoint(model_dir, {
         "pseudolabels": {k: labels_attrs.get(k) for k in ("concepts_hash", "params", "grid", "weights_id")},
         "images": [manifest.records[i].id for i in indices],
-        "image_size": list(config.image_size),
+        "image_size": list(size),
         "train": {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_CHANGES},
     })
-    dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], config.image_size),
+    dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], size),
                                  CamReader(labels_path, indices), len(indices))
     train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir,
                     background_threshold=config.pseudolabels.background_threshold
