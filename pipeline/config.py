@@ -154,8 +154,10 @@ class TrainConfig:
     decoder_heads: int = 6
     decoder_dim: int | None = None
     decoder_dropout: float = 0.1
+    decoder_token_init: str = "orthogonal"   # orthogonal | reference (the reference decoder's init)
     # augmentation
     crop_scale: tuple[float, float] = (0.4, 0.9)   # crop SIDE fraction of the image side, aspect kept
+    crop_scale_step: float | None = None  # None: side ~ U(crop_scale); 0.1: the reference's {0.4, ..., 0.9}
     crop_output_fraction: float = 0.5   # crop resized to this fraction of the training size
     jitter_p: float = 0.3
     jitter_strength: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
@@ -202,6 +204,7 @@ class TrainConfig:
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"blur_kernel must be odd and positive, got {self.blur_kernel}")
         _check_choice("cam_norm", self.cam_norm, ("image", "concept"))
+        _check_choice("decoder_token_init", self.decoder_token_init, ("orthogonal", "reference"))
         _check_choice("predict_with", self.predict_with, ("student", "teacher"))
         if self.epochs < 0 or self.bootstrap_start < 0:
             raise ValueError(f"epochs and bootstrap_start must be >= 0, got {self.epochs}, {self.bootstrap_start}")

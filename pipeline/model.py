@@ -53,6 +53,8 @@ class MaskTransformerDecoder(nn.Module):
         d_model: token width; ``None`` = ``in_dim`` rounded to a multiple of ``n_heads``
             (see :func:`resolve_d_model`).
         dropout: dropout on attention weights and block outputs (paper: 0.1).
+        token_init: "orthogonal" (orthonormal class tokens) or "reference" (the reference's
+            initialisation: one random unit vector over all K x d token entries).
 
     The input projection is always a learned linear layer (as in the reference, which
     keeps it even when ``d_model == in_dim``).
@@ -66,8 +68,11 @@ class MaskTransformerDecoder(nn.Module):
         n_heads: int = 6,
         d_model: int | None = None,
         dropout: float = 0.1,
+        token_init: str = "orthogonal",
     ) -> None:
         super().__init__()
+        if token_init not in ("orthogonal", "reference"):
+            raise ValueError(f"token_init must be orthogonal or reference, got {token_init!r}")
         d_model = resolve_d_model(in_dim, n_heads, d_model)
         self.in_dim = int(in_dim)
         self.num_classes = int(num_classes)
@@ -75,6 +80,7 @@ class MaskTransformerDecoder(nn.Module):
         self.n_heads = int(n_heads)
         self.d_model = d_model
         self.dropout = float(dropout)
+        self.token_init = token_init
 
         self.proj_in = nn.Linear(in_dim, d_model)
         self.class_tokens = nn.Parameter(torch.empty(num_classes, d_model))
@@ -92,9 +98,16 @@ class MaskTransformerDecoder(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
 
         self.apply(self._init_weights)
-        # Orthogonal tokens start the concepts maximally distinct (the diversity loss keeps
-        # them apart). Rows are orthonormal when K <= d_model, columns otherwise.
-        nn.init.orthogonal_(self.class_tokens)
+        if token_init == "orthogonal":
+            # Orthogonal tokens start the concepts maximally distinct (the diversity loss keeps
+            # them apart). Rows are orthonormal when K <= d_model, columns otherwise.
+            nn.init.orthogonal_(self.class_tokens)
+        else:
+            # The reference's (models/mask_transformer/decoder.py): orthogonal init of its
+            # (1, K, d) cls_emb, which torch flattens to one row: a random unit vector of K x d
+            # numbers, so the tokens are neither orthogonal nor of unit norm (about K^-1/2).
+            with torch.no_grad():
+                nn.init.orthogonal_(self.class_tokens.view(1, -1))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -115,6 +128,7 @@ class MaskTransformerDecoder(nn.Module):
             "n_heads": self.n_heads,
             "d_model": self.d_model,
             "dropout": self.dropout,
+            "token_init": self.token_init,
         }
 
     def forward(self, patch: Tensor, return_class_embeddings: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -39,7 +39,9 @@ PAPER: dict = {
     "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32,
                      "grad_scale": 0.125, "cam_dtype": "float32"},
     # Every training constant, so that any of them can be set with `dvc exp run -S train.<key>=...`.
-    "train": {**TrainConfig().to_dict(), "num_workers": 8},
+    # the reference decoder's class-token init and discrete crop scales (segmenter_*.py)
+    "train": {**TrainConfig().to_dict(), "num_workers": 8, "decoder_token_init": "reference",
+              "crop_scale_step": 0.1},
     "evaluate": {"protocol": "reference", "crf": False, "flip": False, "batch_size": 64, "bottom_up_seed": 0},
 }
 
@@ -98,7 +100,8 @@ _CPU = {
     # k-means trained on 256 sampled crops per concept, centroids as k-means leaves them: the
     # README's demo and CamVid figures were measured so
     "concepts": {"max_points_per_centroid": 256, "algorithm": "faiss", "recompute_centroids": False},
-    "train": {"lr": 1.0e-4, "batch_size": 16, "num_workers": 2},
+    "train": {"lr": 1.0e-4, "batch_size": 16, "num_workers": 2, "decoder_token_init": "orthogonal",
+              "crop_scale_step": None},
     "evaluate": {"batch_size": 16},
 }
 

@@ -61,3 +61,17 @@ def test_segmenter_backbone_frozen_and_eval(tiny_backbone):
 def test_segmenter_rejects_width_mismatch(tiny_backbone):
     with pytest.raises(ValueError, match="embed_dim"):
         Segmenter(tiny_backbone(dim=12), MaskTransformerDecoder(24, 4, n_heads=6))
+
+
+def test_reference_token_init_is_one_unit_vector_over_all_tokens():
+    torch.manual_seed(0)
+    ref = MaskTransformerDecoder(12, 5, n_heads=6, token_init="reference")
+    tokens = ref.class_tokens.detach()
+    assert torch.linalg.vector_norm(tokens).item() == pytest.approx(1.0, abs=1e-5)   # all K x d entries together
+    gram = tokens @ tokens.T
+    assert gram.diagonal().mean().item() == pytest.approx(1 / 5, rel=0.5)           # each token ~ K^-1/2 long
+    orthogonal = MaskTransformerDecoder(12, 5, n_heads=6).class_tokens.detach()
+    torch.testing.assert_close(orthogonal @ orthogonal.T, torch.eye(5), atol=1e-5, rtol=0)
+    assert MaskTransformerDecoder(**ref.config()).token_init == "reference"
+    with pytest.raises(ValueError, match="token_init"):
+        MaskTransformerDecoder(12, 5, n_heads=6, token_init="xavier")

@@ -130,6 +130,12 @@ def test_paper_setting_matches_the_reference(name):
     assert train["drop_last"] is True and train["weight_decay"] == 5e-4    # every *_trainval.py; every config
     assert params["concepts"]["k"] == expected["k"]
     assert params["pseudolabels"]["grad_scale"] == pytest.approx(expected["grad_scale"])
+    # the same in every paper row: utils/kmeans.py (no subsampling, member means), cocostuff_crop.py and
+    # bbox_anchors.py (2x attention mask, anchors), decoder.py (token init), segmenter_*.py (crop scales)
+    assert params["concepts"]["max_points_per_centroid"] is None and params["concepts"]["recompute_centroids"]
+    assert (params["features"]["foreground"], params["features"]["windows"]) == ("concept_scale", "reference")
+    assert (train["decoder_token_init"], train["crop_scale_step"]) == ("reference", 0.1)
+    assert params["pseudolabels"]["cam_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("name, train_size", [("lip5", [480, 240]), ("lip16", [480, 240]), ("lip19", None)])

@@ -355,3 +355,12 @@ def test_training_images_at_another_size_than_the_cams(tmp_path, tiny_backbone):
     logits = predict_logits(model, torch.from_numpy(big[:8]).permute(0, 3, 1, 2).float() / 255)
     predicted = logits.argmax(1)[:, ::2, ::2].numpy()                   # 16x16 grid back onto the 8x8 labels
     assert (predicted == labels[:8]).mean() > 0.6, (predicted == labels[:8]).mean()
+
+
+def test_discrete_crop_scales_as_the_reference():
+    """segmenter_*.py: scale = randint(4, 10) / 10, window size and corner truncated to pixels."""
+    boxes = sample_crop_boxes(400, (64, 96), (0.4, 0.9), torch.Generator().manual_seed(0), step=0.1)
+    heights = (boxes[:, 3] - boxes[:, 1]).numpy()
+    assert set(np.round(heights).astype(int)) == {int(64 * s / 10) for s in range(4, 10)}   # 25, 32, ..., 57
+    assert torch.equal(boxes, boxes.floor())                                               # whole pixels
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 64).all()

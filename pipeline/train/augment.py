@@ -19,19 +19,29 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor
     return lo + (hi - lo) * torch.rand(n, generator=generator)
 
 
-def sample_crop_boxes(n: int, size: tuple[int, int], scale: tuple[float, float], generator: torch.Generator) -> Tensor:
+def sample_crop_boxes(n: int, size: tuple[int, int], scale: tuple[float, float], generator: torch.Generator,
+                      step: float | None = None) -> Tensor:
     """Random crop boxes, one per sample.
 
-    The box side is ``s x`` the image side with ``s ~ U(scale)`` (the reference's
-    "scale"; image aspect kept), placed uniformly inside the image.
+    The box side is ``s x`` the image side (image aspect kept), placed uniformly inside the
+    image. ``step=None``: ``s ~ U(scale)``, boxes in continuous pixel coordinates. ``step``
+    given: the reference's (segmenter_*.py data_augment, ``randint(4, 10) / 10``): ``s`` one of
+    scale[0], scale[0] + step, ..., scale[1], the box size and corner truncated to whole pixels.
 
     Returns: (n, 4) float32 boxes ``(x0, y0, x1, y1)`` in pixel units (pixel i spans [i, i+1)).
     """
     height, width = size
-    s = _uniform(n, scale[0], scale[1], generator)
-    bh, bw = s * height, s * width
-    y0 = torch.rand(n, generator=generator) * (height - bh)
-    x0 = torch.rand(n, generator=generator) * (width - bw)
+    if step is None:
+        s = _uniform(n, scale[0], scale[1], generator)
+        bh, bw = s * height, s * width
+        y0 = torch.rand(n, generator=generator) * (height - bh)
+        x0 = torch.rand(n, generator=generator) * (width - bw)
+    else:
+        steps = int(round((scale[1] - scale[0]) / step))
+        s = scale[0] + step * torch.randint(0, steps + 1, (n,), generator=generator).float()
+        bh, bw = (s * height).floor(), (s * width).floor()
+        y0 = (torch.rand(n, generator=generator) * (height - bh)).floor()
+        x0 = (torch.rand(n, generator=generator) * (width - bw)).floor()
     return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)
 
 
@@ -161,7 +171,7 @@ def augment_batch(
     out_h = max(patch_size, int(round(height * config.crop_output_fraction / patch_size)) * patch_size)
     out_w = max(patch_size, int(round(width * config.crop_output_fraction / patch_size)) * patch_size)
     images = photometric_augment(images, config, generator)
-    boxes = sample_crop_boxes(b, (height, width), config.crop_scale, generator)
+    boxes = sample_crop_boxes(b, (height, width), config.crop_scale, generator, config.crop_scale_step)
     images, cams = crop_and_resize(images, cams, boxes, (out_h, out_w), (out_h // patch_size, out_w // patch_size))
     if config.hflip:
         flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)[:, None, None, None]

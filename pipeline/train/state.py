@@ -86,7 +86,8 @@ class TrainState:
         torch.manual_seed(config.seed)
         student = MaskTransformerDecoder(embed_dim, num_classes, n_layers=config.decoder_layers,
                                          n_heads=config.decoder_heads, d_model=config.decoder_dim,
-                                         dropout=config.decoder_dropout).to(device)
+                                         dropout=config.decoder_dropout,
+                                         token_init=config.decoder_token_init).to(device)
         teacher = MaskTransformerDecoder(**student.config()).to(device).eval().requires_grad_(False)
         return cls(student, teacher, _state_copy(student), make_optimizer(student, config), config)
 
