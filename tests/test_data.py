@@ -458,6 +458,17 @@ class TestCocoStuff:
         r = m.records[0]
         assert set(np.unique(load_label(m.resolve(r.label), dataset, n_classes, (8, 10))).tolist()) == expected
 
+    def test_annotated_only_keeps_images_with_instance_annotations(self, tmp_path):
+        make_coco(tmp_path)
+        train = COCO_IDS["train2017"]
+        (tmp_path / "annotations" / "instances_train2017.json").write_text(json.dumps(
+            {"images": [{"id": int(i)} for i in train], "annotations": [{"id": 1, "image_id": int(train[0])}]}))
+        m = build_manifest("cocostuff27", tmp_path, splits="train", annotated_only=True)
+        assert [r.id for r in m.records] == [train[0]]
+        assert m.options["annotated_train"] == f"1 of {len(train)}"
+        with pytest.raises(InputError, match="instances_val2017.json: COCO instance annotations not found"):
+            build_manifest("cocostuff27", tmp_path, splits="val", annotated_only=True)
+
     def test_class_names(self):
         assert get_reader("cocostuff27").class_names[9] == "person"
         names171 = get_reader("cocostuff171").class_names

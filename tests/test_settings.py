@@ -136,6 +136,8 @@ def test_paper_setting_matches_the_reference(name):
     assert (params["features"]["foreground"], params["features"]["windows"]) == ("concept_scale", "reference")
     assert (train["decoder_token_init"], train["crop_scale_step"]) == ("reference", 0.1)
     assert params["pseudolabels"]["cam_dtype"] == "float32"
+    # *_trainval.py of COCO: images listed from instances_<split>.json's imgToAnns
+    assert params["data"]["options"].get("annotated_only", False) == params["data"]["dataset"].startswith("coco")
 
 
 @pytest.mark.parametrize("name, train_size", [("lip5", [480, 240]), ("lip16", [480, 240]), ("lip19", None)])
