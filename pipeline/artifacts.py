@@ -102,7 +102,8 @@ class Artifacts:
         if self._manifest is None:
             from pipeline.data import Manifest
 
-            self._manifest = Manifest.load(self.path("manifest"))
+            # a relative data root is the project's: the folder the cache folder sits in
+            self._manifest = Manifest.load(self.path("manifest"), project_dir=self.cache_dir.resolve().parent)
         return self._manifest
 
     @property

@@ -647,3 +647,8 @@ def test_manifest_does_not_change_when_the_project_moves(tmp_path, monkeypatch):
     record = manifests[1].records[0]
     assert record.image == "images/train_00000.png" and manifests[1].root == "data"
     assert load_image(manifests[1].resolve(record.image)).shape == (32, 32, 3)
+    # read from elsewhere: the relative root is the project's, given as project_dir
+    monkeypatch.chdir(tmp_path)
+    manifests[1].save(tmp_path / "moved" / "cache" / "manifest.json")
+    loaded = Manifest.load(tmp_path / "moved" / "cache" / "manifest.json", project_dir=tmp_path / "moved")
+    assert loaded.resolve(record.image) == tmp_path / "moved" / "data" / "images" / "train_00000.png"

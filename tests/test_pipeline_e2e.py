@@ -95,7 +95,7 @@ def test_model_beats_a_random_assignment(repo_copy):
     metrics = json.loads((repo_copy / "cache" / "metrics.json").read_text())
     for row in ("model", "pseudo_labels", "bottom_up"):
         assert set(metrics[row]) >= {"miou", "pixel_accuracy", "per_class_iou", "protocol"}
-    manifest = Manifest.load(repo_copy / "cache" / "manifest.json")
+    manifest = Manifest.load(repo_copy / "cache" / "manifest.json", project_dir=repo_copy)
     rng = np.random.default_rng(0)
     random = SegmentationMetrics(len(manifest.class_names), 6)
     for record in manifest.split("val"):

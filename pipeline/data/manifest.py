@@ -46,6 +46,9 @@ class Manifest:
     root: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False, repr=False)   # the file it was loaded from
+    # Folder a relative ``root`` is relative to: the project the stages ran in (None: the
+    # working directory, where DVC runs them). Not stored, so a moved project keeps its manifest.
+    project_dir: Path | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -83,9 +86,13 @@ class Manifest:
         return images_to_tensor([self.image(i, size) for i in indices])
 
     def resolve(self, path: str | Path) -> Path:
-        """An absolute path stays as is; a relative one is taken relative to ``root``."""
+        """An absolute path stays as is; a relative one is taken relative to ``root`` (itself, when
+        relative, relative to ``project_dir``)."""
         p = Path(path)
-        return p if p.is_absolute() or not self.root else Path(self.root) / p
+        if p.is_absolute() or not self.root:
+            return p
+        root = Path(self.root)
+        return (root if root.is_absolute() or self.project_dir is None else self.project_dir / root) / p
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,7 +121,9 @@ class Manifest:
         atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Manifest":
+    def load(cls, path: str | Path, project_dir: str | Path | None = None) -> "Manifest":
+        """Read a manifest; ``project_dir`` is where its relative data root lives (default: the
+        working directory, the project root where the stages run)."""
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "manifest file does not exist; run the prepare stage first")
@@ -134,4 +143,5 @@ class Manifest:
         except (TypeError, ValueError) as err:
             raise InputError(path, f"malformed manifest record: {err}") from None
         manifest.path = path
+        manifest.project_dir = Path(project_dir) if project_dir is not None else None
         return manifest
