@@ -32,7 +32,7 @@ from pipeline.config import Config, FeaturesConfig
 from pipeline.errors import InputError
 from pipeline.data import Manifest, images_to_tensor, resize_image
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
-from pipeline.runtime import autocast, log, progress, resolve_device
+from pipeline.runtime import autocast, log, prefetched, progress, resolve_device
 from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, shards,
                             writing_every_chunk)
 
@@ -189,9 +189,11 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
     Call it under store.writing_every_chunk(), as extract_features does."""
     pools = {CROP_KINDS[name] for name in cfg.pools}
     n_windows = len(layout.windows)
-    for b0 in range(start, stop, batch_size):
+    starts = list(range(start, stop, batch_size))
+    # the next batches are decoded while this one runs through the backbone
+    decoded = prefetched(starts, lambda b0: [manifest.image(i) for i in range(b0, min(b0 + batch_size, stop))])
+    for b0, originals in zip(starts, decoded):
         b1 = min(b0 + batch_size, stop)
-        originals = [manifest.image(i) for i in range(b0, b1)]
         images = images_to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
         with torch.no_grad(), autocast(device):
             out = backbone(images)

@@ -22,7 +22,7 @@ from pipeline.concepts import Concepts
 from pipeline.config import Config, PseudoLabelsConfig
 from pipeline.data import Manifest
 from pipeline.files import commit, partial_path, resume_or_restart
-from pipeline.runtime import log, progress, resolve_device
+from pipeline.runtime import log, prefetched, progress, resolve_device
 from pipeline.store import check_provenance, create_pseudolabel_file, pseudolabel_provenance, read_h5_attrs
 
 
@@ -68,9 +68,10 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
         todo = np.flatnonzero(~done)
         with progress(total=len(ids), desc="pseudolabels", enabled=show_progress) as bar:
             bar.update(len(ids) - len(todo))
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start:start + cfg.batch_size].tolist()
-                images = manifest.batch(batch, image_size).to(device)
+            batches = [todo[start:start + cfg.batch_size].tolist() for start in range(0, len(todo), cfg.batch_size)]
+            # the next batches are decoded while this one runs through the backbone
+            for batch, loaded in zip(batches, prefetched(batches, lambda b: manifest.batch(b, image_size))):
+                images = loaded.to(device)
                 cams = concept_maps(backbone, images, centroids, cfg)
                 labels = cams_to_labels(cams)
                 # h5py fancy indexing wants increasing indices; `todo` is sorted.

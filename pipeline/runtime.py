@@ -1,10 +1,13 @@
 """Where code runs and how it reports: device choice, mixed precision, progress bars."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import sys
 import time
-from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -12,6 +15,7 @@ if TYPE_CHECKING:  # torch is imported where a device is needed: log() and progr
     import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def resolve_device(name: str = "auto") -> "torch.device":
@@ -102,6 +106,21 @@ class LogProgress:
         log(f"{self.desc}: {done} {self.unit} ({rate:.1f} {self.unit}/s{left})"
             + (f" {self.postfix}" if self.postfix else ""))
         self.last, self.logged, self.logged_n = now, True, self.n
+
+
+def prefetched(items: Iterable[T], load: Callable[[T], R], ahead: int = 2) -> Iterator[R]:
+    """``load(item)`` for every item, in order, each computed ``ahead`` items in advance on a
+    thread pool: image decoding and resizing (PIL releases the GIL) overlap the stage's compute.
+    An exception in ``load`` (an unreadable image: an InputError naming it) is raised when its
+    item comes up, after the items before it were used."""
+    with ThreadPoolExecutor(max_workers=max(1, ahead)) as pool:
+        source = iter(items)
+        pending = collections.deque(pool.submit(load, item) for item in itertools.islice(source, max(1, ahead)))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(source, 1):
+                pending.append(pool.submit(load, item))
+            yield result
 
 
 def log(message: str) -> None:

@@ -1,7 +1,12 @@
 """Progress in logs: a long loop says where it is at a fixed interval when stderr is not a terminal."""
 from __future__ import annotations
 
-from pipeline.runtime import LogProgress, progress
+import threading
+import time
+
+import pytest
+
+from pipeline.runtime import LogProgress, prefetched, progress
 
 
 def test_log_progress_prints_a_line_per_interval_with_rate_and_time_left(capsys):
@@ -34,3 +39,31 @@ def test_the_final_count_is_not_repeated(capsys):
     bar.update(20)
     bar.close()
     assert capsys.readouterr().err.splitlines() == ["features: 20/20 img (0.6 img/s, 0 s left)"]
+
+
+def test_prefetched_keeps_order_runs_ahead_and_raises_in_place():
+    started = []
+    gate = threading.Event()
+
+    def load(i: int) -> int:
+        started.append(i)
+        if i == 0:
+            gate.wait(5)          # item 0 is slow: items 1 and 2 are loaded meanwhile
+        if i == 4:
+            raise ValueError("bad item 4")
+        return i * 10
+
+    results = prefetched(range(6), load, ahead=3)
+    deadline = time.monotonic() + 5
+    first = []
+    thread = threading.Thread(target=lambda: first.append(next(results)))
+    thread.start()
+    while len(started) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(started[:3]) == [0, 1, 2]          # three in flight before the first is used
+    gate.set()
+    thread.join(5)
+    assert first == [0]
+    assert [next(results) for _ in range(3)] == [10, 20, 30]
+    with pytest.raises(ValueError, match="bad item 4"):
+        next(results)
