@@ -370,6 +370,10 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
         memory_budget: bytes a float32 copy of a pool's training crops may take; a larger one is
             held as float16 and clustered streaming (module docstring: the memory bound).
     """
+    empty = sorted(pool for pool, k in cfg.k.items() if not (isinstance(k, int) and k >= 1))
+    if empty:
+        raise InputError(None, f"concepts.k must give every pool at least 1 concept; got "
+                               f"{', '.join(f'{p}: {cfg.k[p]!r}' for p in empty)}")
     unknown = sorted(set(cfg.k) - set(POOL_ORDER))
     if unknown:
         raise InputError(None, f"concepts.k has unknown pool(s) {unknown}; pools are {list(POOL_ORDER)}")

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import numbers
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,9 @@ class TrainConfig:
         _check_choice("cam_norm", self.cam_norm, ("image", "concept"))
         _check_choice("decoder_token_init", self.decoder_token_init, ("orthogonal", "reference"))
         _check_choice("predict_with", self.predict_with, ("student", "teacher"))
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip_value < 0:
+            raise ValueError(f"lr must be > 0, weight_decay and grad_clip_value >= 0; got {self.lr}, "
+                             f"{self.weight_decay}, {self.grad_clip_value}")
         if self.epochs < 0 or self.bootstrap_start < 0:
             raise ValueError(f"epochs and bootstrap_start must be >= 0, got {self.epochs}, {self.bootstrap_start}")
         if self.batch_size < 1 or self.teacher_interval_block < 1 or self.repeat < 1:
@@ -277,11 +281,33 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
                                  f"known: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in raw.items():
-        kwargs[name] = _build(hints[name], value, f"{where}.{name}" if where else name, source)
+        key = f"{where}.{name}" if where else name
+        _check_type(hints[name], value, key, source)
+        kwargs[name] = _build(hints[name], value, key, source)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise InputError(source, f"'{where}': {exc}") from None
+
+
+_SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_type(hint: Any, value: Any, key: str, source: str) -> None:
+    """A scalar field given a value of another type (`--set train.epochs=abc`) is an error that
+    names the key; containers and unions of other kinds are checked by the dataclasses."""
+    allowed = [h for h in typing.get_args(hint)] if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+        else [hint]
+    if value is None and type(None) in allowed:
+        return
+    scalars = [h for h in allowed if h in _SCALARS]
+    if not scalars or len(scalars) != len([h for h in allowed if h is not type(None)]):
+        return
+    fits = any(isinstance(value, h) and not (h in (int, float) and isinstance(value, bool)) or
+               (h is float and isinstance(value, int) and not isinstance(value, bool)) for h in scalars)
+    if not fits:
+        raise InputError(source, f"'{key}' must be {' or '.join(_SCALARS[h] for h in scalars)}"
+                                 f"{' or null' if type(None) in allowed else ''}; got {value!r}")
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> list[tuple[list[str], Any]]:
@@ -316,5 +342,7 @@ def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InputError(path, f"not valid YAML: {exc}") from exc
+    overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
-    return _build(Config, raw, "", str(path))
+    source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+    return _build(Config, raw, "", source)

@@ -57,6 +57,12 @@ def predict_images(art: Artifacts, images: dict[str, Path], out_dir: str | Path)
     from pipeline.train.inference import predict_logits
 
     out_dir = Path(out_dir)
+    inputs = {path.resolve() for path in images.values()}
+    for name in images:
+        for written_file in (out_dir / f"{name}.png", out_dir / f"{name}_overlay.jpg", out_dir / "clusters.json"):
+            if written_file.resolve() in inputs:
+                raise InputError(written_file, "is one of the input images; choose an --out folder apart from "
+                                               "the images, predict never overwrites them")
     model, size = art.segmenter, art.model_input_size()
     native = PROTOCOLS.get("native")          # scores upsampled to each image's own size
     written, k = [], None

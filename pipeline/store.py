@@ -178,7 +178,8 @@ def open_features_of(config: Config) -> zarr.Group:
 
 
 def _feature_repair(path: Path) -> str:
-    return f"restore it: dvc checkout {path}, or rerun the features stage: dvc repro -f -s features"
+    # --force: dvc checkout will not replace a modified output without it
+    return f"restore it: dvc checkout --force {path}, or rerun the features stage: dvc repro -f -s features"
 
 
 def _chunk_rows(array: zarr.Array, chunk: int) -> str:

@@ -103,7 +103,7 @@ def test_deleted_chunks_are_named_when_a_stage_opens_the_store(config, store):
            "c.2.0.0.0 (row 2), ... (4 in all)" in message
     assert f"array 'crops/kind' lacks 1 of its 3 chunk files: c.1 (rows {WINDOWS}..{2 * WINDOWS - 1})" in message
     assert "'embedding'" not in message and "'crops/box'" not in message        # only the damaged arrays
-    assert f"dvc checkout {store}, or rerun the features stage: dvc repro -f -s features" in message
+    assert f"dvc checkout --force {store}, or rerun the features stage: dvc repro -f -s features" in message
     assert not config.path("concepts").exists()
 
 

@@ -93,3 +93,13 @@ def test_predict_writes_label_pngs_and_overlays_for_new_images(run, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "absent"), "--out", str(tmp_path / "o2"),
                                        "--cache", str(tmp / "cache")])
     assert result.exit_code == 1 and f"{tmp_path / 'absent'}: no such file or folder" in result.output
+
+
+def test_predict_never_overwrites_the_input_images(run, tmp_path):
+    tmp, _ = run
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((20, 30, 3), 120, dtype=np.uint8)).save(photo)
+    before = photo.read_bytes()
+    result = CliRunner().invoke(main, ["predict", str(tmp_path), "--out", str(tmp_path), "--cache", str(tmp / "cache")])
+    assert result.exit_code == 1 and f"{photo}: is one of the input images" in result.output
+    assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

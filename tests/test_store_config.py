@@ -1,6 +1,8 @@
 """Config parsing, atomic outputs, shard bookkeeping and provenance checks."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,17 @@ def test_stale_training_checkpoint_is_dropped_when_inputs_change(tmp_path):
     assert last.exists()
     forget_stale_checkpoint(model_dir, {"labels": "b"})      # new pseudo labels: start over
     assert not last.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=abc", r"'train.epochs' must be an integer; got 'abc'"),
+    ("train.lr=-1", r"'train': lr must be > 0"),
+    ("train.decoder_dim=abc", r"'train.decoder_dim' must be an integer or null; got 'abc'"),
+    ("evaluate.crf=maybe", r"'evaluate.crf' must be true or false; got 'maybe'"),
+])
+def test_override_of_the_wrong_type_names_the_key_and_the_override(tmp_path, override, message):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(InputError, match=rf"params.yaml \(with --set {re.escape(override)}\): {message}"):
+        load_config(path, [override])
+    assert load_config(path, ["train.lr=0.001", "train.decoder_dim=null"]).train.lr == 0.001   # ints for floats too

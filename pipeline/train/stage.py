@@ -15,7 +15,6 @@ from pipeline.store import CamReader, open_pseudolabels_of, read_h5_attrs
 from pipeline.train.curves import plot_training_curves, read_train_log
 from pipeline.train.data import PseudoLabelDataset
 from pipeline.train.loop import train_segmenter
-from pipeline.train.state import RESUMABLE_CHANGES
 
 
 def train_stage(config: Config) -> None:
@@ -40,8 +39,7 @@ def train_stage(config: Config) -> None:
         "pseudolabels": {k: labels_attrs.get(k) for k in ("concepts_hash", "params", "grid", "weights_id")},
         "images": [manifest.records[i].id for i in indices],
         "image_size": list(size),
-        "train": {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_CHANGES},
-    })
+    })   # a changed train parameter is the loop's to judge: it names the key (checkpoint_mismatch)
     dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], size),
                                  CamReader(labels_path, indices), len(indices))
     train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir,
