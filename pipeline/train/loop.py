@@ -142,10 +142,13 @@ def train_step(backbone: nn.Module, state: TrainState, images: Tensor, cams: Ten
     with torch.no_grad():
         cam_scores, foreground = crop_cam_scores(cams, config.cam_norm, background_threshold)
         scores, target = pseudo_targets(cam_scores, teacher_logits, config.teacher_mix)
+    # Built in this order (ce, uncertainty, diversity): the order the terms are created in is the
+    # order backward adds their gradients, and a run must train to the same last bit as before.
+    terms = {"ce": F.cross_entropy(logits, target)}
     # object-centric: the uncertainty of the concepts only, on the foreground (reference)
-    unc = uncertainty_loss(logits, None) if foreground is None else uncertainty_loss(logits[:, :-1], foreground)
-    terms = {"ce": F.cross_entropy(logits, target), "uncertainty": unc,
-             "diversity": diversity_loss(class_emb)}
+    terms["uncertainty"] = uncertainty_loss(logits) if foreground is None else \
+        uncertainty_loss(logits[:, :-1], foreground)
+    terms["diversity"] = diversity_loss(class_emb)
     loss = terms["ce"] + config.uncertainty_weight * terms["uncertainty"] + config.diversity_weight * terms["diversity"]
     terms["peer"] = logits.new_zeros(())
     if teacher is not None and alpha > 0:
