@@ -11,7 +11,7 @@ SETTING ?= demo
 DATA_ROOT ?=
 SET ?=
 
-.PHONY: install demo test test-fast bench-cam bench-features reproduce report clean help
+.PHONY: install demo test test-fast bench-cam bench-features bench-cam-precision reproduce report clean help
 
 help:
 	@echo "make demo       run the whole pipeline on the synthetic demo (dvc repro)"
@@ -48,6 +48,9 @@ bench-cam: $(STAMP)
 
 bench-features: $(STAMP)
 	$(RUN) python benchmarks/bench_features_memory.py
+
+bench-cam-precision: $(STAMP)
+	$(RUN) python benchmarks/bench_cam_precision.py --images 30
 
 # One named setting through DVC: writes its params.yaml, then `dvc exp run` (SET holds
 # extra overrides, `dvc exp show` compares the runs).
