@@ -128,8 +128,8 @@ def _pixel_dataset(tmp_path, sizes):
     return Manifest("synthetic", ["off", "on"], records=records, root=str(tmp_path))
 
 
-class RedReader(torch.nn.Module):
-    """Per-pixel logits (off, on) from the red channel; records every input it gets."""
+class RecordingModel(torch.nn.Module):
+    """A stub model that records every input it gets; `logits(x)` says what it returns."""
 
     def __init__(self):
         super().__init__()
@@ -137,6 +137,13 @@ class RedReader(torch.nn.Module):
 
     def forward(self, x):
         self.inputs.append(x.clone())
+        return self.logits(x)
+
+
+class RedReader(RecordingModel):
+    """Per-pixel logits (off, on) from the red channel."""
+
+    def logits(self, x):
         return torch.cat([1 - x[:, :1], x[:, :1]], dim=1)
 
 
@@ -184,15 +191,10 @@ def test_reference_and_native_still_feed_the_training_size_image(tmp_path):
 def test_flip_averages_the_logits_of_the_flipped_image_flipped_back():
     from pipeline.evaluate import ModelScores
 
-    class Asymmetric(torch.nn.Module):
+    class Asymmetric(RecordingModel):
         """Logits that are not flip-equivariant: the input plus a ramp along the width."""
 
-        def __init__(self):
-            super().__init__()
-            self.inputs = []
-
-        def forward(self, x):
-            self.inputs.append(x.clone())
+        def logits(self, x):
             return x[:, :2] + torch.arange(x.shape[-1], dtype=x.dtype) ** 2
 
     images = torch.rand(2, 3, 4, 5)
