@@ -129,6 +129,66 @@ class EvaluateConfig:
 
 
 @dataclass
+class JobqueueConfig:
+    """The SLURM cluster of `compute.cluster: slurm` (dask-jobqueue): `jobs` batch jobs, each
+    running one dask worker process per GPU (pipeline.compute.slurm_cluster)."""
+    jobs: int = 1                       # batch jobs asked for
+    queue: str | None = None            # partition (#SBATCH -p)
+    account: str | None = None          # #SBATCH -A
+    cores: int = 8                      # CPU cores per job (--cpus-per-task), shared by its workers
+    memory: str = "32GiB"               # memory per job (--mem; GiB, as SLURM counts), shared by its workers
+    gpus_per_job: int = 1               # --gres=gpu:N and N worker processes, one per GPU; 0 = CPU jobs
+    processes: int = 1                  # worker processes per job when gpus_per_job is 0
+    walltime: str = "04:00:00"          # #SBATCH -t
+    job_extra_directives: list[str] = field(default_factory=list)   # more #SBATCH options ("--constraint=a100")
+    job_script_prologue: list[str] = field(default_factory=list)    # shell lines run before the workers start
+    python: str | None = None           # the workers' python; None = this one (a venv on a shared file system)
+    interface: str | None = None        # the workers' network interface (e.g. ib0); None = the default route
+    log_directory: str | None = None    # where the jobs' stdout and stderr go; None = the submit folder
+
+    def __post_init__(self) -> None:
+        for name in ("jobs", "cores", "processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_job < 0:
+            raise ValueError(f"gpus_per_job must be >= 0, got {self.gpus_per_job}")
+        for name in ("job_extra_directives", "job_script_prologue"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r}")
+
+
+@dataclass
+class ComputeConfig:
+    """Where the per-image shards of `features` and `pseudolabels` run (pipeline/compute.py).
+
+    No stage lists this section as a DVC param: the executor never changes an artifact, so
+    changing it never reruns a stage.
+    """
+    scheduler: str = "local"            # local: in this process, in order | dask: shards as dask tasks
+    address: str | None = None          # an existing dask scheduler (tcp://host:8786); None = start a cluster
+    cluster: str = "local"              # the cluster started when there is no address: local | slurm
+    workers: int = 2                    # local cluster: worker processes
+    threads_per_worker: int = 1         # shards one worker runs at once (local and slurm)
+    gpus: int = 0                       # local cluster: GPUs its workers are spread over (worker i -> GPU i mod gpus)
+    # A shard that raises (other than a bad input file) or whose worker dies is run again up to
+    # this many times; worker deaths are counted by the scheduler, so only clusters this run
+    # starts follow it (an existing scheduler keeps its distributed.scheduler.allowed-failures).
+    retries: int = 2
+    jobqueue: JobqueueConfig = field(default_factory=JobqueueConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("scheduler", self.scheduler, ("local", "dask"))
+        _check_choice("cluster", self.cluster, ("local", "slurm"))
+        for name in ("workers", "threads_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("gpus", "retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class TrainConfig:
     """Every training constant of the method; defaults = paper / reference (COCO-Stuff-27).
 
@@ -247,6 +307,7 @@ class Config:
     pseudolabels: PseudoLabelsConfig = field(default_factory=PseudoLabelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)   # the executor: no stage's DVC param
     cache: str = "cache"
 
     @property
