@@ -3,7 +3,6 @@ processes on CPU, per-worker caching, errors, retries, SLURM job scripts; the `c
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
