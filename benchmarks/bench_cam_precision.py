@@ -53,14 +53,16 @@ from pipeline.data import Manifest, build_manifest
 from pipeline.features import embed_crops, sliding_windows
 from pipeline.pseudolabels import concept_maps
 from pipeline.settings import SETTINGS
+from pipeline.store import encode_cams
 
 PATHS = {"efficientnet": "efficientnet_lite0", "vit": "vit_small_patch8_224.dino"}
-STORE_DTYPES = ("float16", "float32")
+STORE_DTYPES = ("float16", "uint16", "float32")
 
 
 def stored(cams: torch.Tensor, dtype: str) -> torch.Tensor:
-    """What a reader gets back: the conversion of write_pseudolabels, then float32."""
-    return torch.from_numpy(cams.float().cpu().numpy().astype(dtype).astype(np.float32))
+    """The CAMs as write_pseudolabels stores them (store.encode_cams) and readers read them back."""
+    values, scale = encode_cams(cams.float().cpu().numpy(), dtype)
+    return torch.from_numpy(values.astype(np.float32) * scale[:, None, None, None])
 
 
 def argmax_labels(cams: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ class Artifacts:
         self._h5 = None
         self._h5_index: dict[str, int] | None = None
         self._segmenter = None
+        self._backbone = None
         self._crop_distances: np.ndarray | None = None
         self._concept_images: dict[int, np.ndarray] = {}
         self._ids: dict[str, int] | None = None
@@ -160,9 +161,10 @@ class Artifacts:
     # ------------------------------------------------------------------ features
     @property
     def features(self) -> dict:
-        """Lazy dask arrays keyed like the store: 'patch' (N, h, w, D), 'embedding' (N, D),
-        'saliency' (N, h, w), 'crops/embedding' (M, D), 'crops/box' (M, 4), 'crops/image' (M,),
-        'crops/kind' (M,)."""
+        """Lazy dask arrays keyed like the store (pipeline.store.feature_arrays): 'embedding' (N, D),
+        'saliency' (N, h, w), 'patch' (N, h, w, D) (NaN outside the evaluation split),
+        'patch_sample' (N * S, D), 'crops/embedding' (N * W, D), 'crops/kind' (N * W,) (NaN
+        and 255 for images without crops). Crop row r is window r % W of image r // W."""
         if self._features is None:
             from pipeline.store import features_as_dask
 
@@ -191,15 +193,19 @@ class Artifacts:
         except ImportError as exc:
             raise ImportError("features_xarray() needs xarray: pip install xarray "
                               "(art.features gives the same arrays as dask without it)") from exc
+        import dask.array as da
+
         f = self.features
+        windows = np.asarray(self.feature_attrs["windows"], dtype=np.int32).reshape(-1, 4)
+        crop_rows = da.arange(f["crops/kind"].shape[0], chunks=f["crops/kind"].chunks)
         return xr.Dataset(
             {
                 "patch": (("image", "y", "x", "channel"), f["patch"]),
                 "embedding": (("image", "channel"), f["embedding"]),
                 "saliency": (("image", "y", "x"), f["saliency"]),
                 "crop_embedding": (("crop", "channel"), f["crops/embedding"]),
-                "crop_box": (("crop", "corner"), f["crops/box"]),
-                "crop_image": (("crop",), f["crops/image"]),
+                "crop_box": (("crop", "corner"), da.from_array(windows)[crop_rows % max(len(windows), 1)]),
+                "crop_image": (("crop",), crop_rows // max(len(windows), 1)),
                 "crop_kind": (("crop",), f["crops/kind"]),
             },
             coords={"image": self.image_ids, "corner": ["y0", "x0", "y1", "x1"]},
@@ -258,14 +264,8 @@ class Artifacts:
         distances = self.crop_distances()[rows]
         order = np.argsort(distances, kind="stable")[:nearest]
         rows = rows[order]
-        store = self.feature_store
-        # Sorted reads hit each chunk once; the original order is restored afterwards.
-        sort = np.argsort(rows)
-        back = np.argsort(sort)
-        boxes = store["crops/box"].get_orthogonal_selection((rows[sort], slice(None)))[back] \
-            if len(rows) else np.zeros((0, 4), dtype=np.int32)
-        images = store["crops/image"].get_orthogonal_selection(rows[sort])[back] \
-            if len(rows) else np.zeros(0, dtype=np.int32)
+        windows = np.asarray(self.feature_attrs["windows"], dtype=np.int32).reshape(-1, 4)
+        boxes, images = windows[rows % len(windows)], rows // len(windows)   # crop row r: window r % W of image r // W
         return ConceptMembers(concept, concepts.pools[concept], rows, np.asarray(boxes),
                               np.asarray(images), distances[order])
 
@@ -310,9 +310,11 @@ class Artifacts:
 
     def pseudolabels(self, key: ImageKey) -> tuple[np.ndarray, np.ndarray]:
         """(cam (K, h, w) float32, label (h, w) concept ids) of one image, read from HDF5."""
+        from pipeline.store import read_cams
+
         handle = self._pseudolabel_file()
         row = self.pseudolabel_row(key)
-        return handle["cam"][row].astype(np.float32), handle["label"][row]
+        return read_cams(handle, row), handle["label"][row]
 
     def pseudolabel_scores(self, key: ImageKey):
         """Min-max normalised CAMs (K, h, w) torch float32: the pseudo labels as scores, exactly
@@ -326,14 +328,47 @@ class Artifacts:
     def segmenter(self):
         """The trained Segmenter around the backbone the features were made with (loaded once)."""
         if self._segmenter is None:
-            from pipeline.backbones import create_backbone
             from pipeline.train.inference import load_segmenter
 
-            attrs = self.feature_attrs
-            weights = self.weights if self.weights is not None else (attrs.get("weights_source") or None)
-            backbone = create_backbone(attrs["backbone"], weights=weights)
-            self._segmenter = load_segmenter(backbone, self.path("model")).to(self.device).eval()
+            self._segmenter = load_segmenter(self._new_backbone(), self.path("model")).to(self.device).eval()
         return self._segmenter
+
+    def _new_backbone(self):
+        """The backbone the features were made with (its weights: `weights`, else the run's)."""
+        from pipeline.backbones import create_backbone
+
+        attrs = self.feature_attrs
+        weights = self.weights if self.weights is not None else (attrs.get("weights_source") or None)
+        return create_backbone(attrs["backbone"], weights=weights)
+
+    def patch_features(self, keys: Sequence[ImageKey]) -> np.ndarray:
+        """Patch features (n, h, w, D) float16 of images given by index or id: read from the store
+        for the images it holds (the evaluation split), computed by the backbone for the others."""
+        import torch
+
+        from pipeline.data import images_to_tensor
+        from pipeline.store import read_rows
+
+        store, indices = self.feature_store, [self.index(k) for k in keys]
+        out = np.empty((len(indices), *store["patch"].shape[1:]), dtype=np.float16)
+        held = np.isin(indices, np.asarray(self._eval_indices()))
+        order = np.argsort(indices)                      # zarr reads increasing indices fastest
+        stored = [j for j in order if held[j]]
+        if stored:
+            out[stored] = read_rows(store, "patch", np.asarray(indices)[stored])
+        missing = [j for j in range(len(indices)) if not held[j]]
+        if missing:
+            if self._backbone is None:
+                self._backbone = self._new_backbone().to(self.device).eval()
+            with torch.no_grad():
+                for j in missing:
+                    image = images_to_tensor(self.image(indices[j], self.model_input_size())).to(self.device)
+                    out[j] = self._backbone(image).patch[0].float().cpu().numpy().astype(np.float16)
+        return out
+
+    def _eval_indices(self) -> list[int]:
+        split = self.feature_attrs.get("eval_split")
+        return [i for i, r in enumerate(self.manifest.records) if r.split == split]
 
     def model_input_size(self) -> tuple[int, int]:
         """Training size (H, W) the model and the pseudo labels were computed at."""

@@ -168,6 +168,44 @@ def settings_use(name: str, data_root: str | None, params_path: str) -> None:
     click.echo(f"wrote {write_params(name, params_path, data_root)} for setting '{name}'")
 
 
+@main.command("plan")
+@click.option("--setting", default=None, help="A named setting (transfgu settings); default: params.yaml.")
+@click.option("--images", type=int, default=None, help="Images in all; default: the cache's manifest.")
+@click.option("--eval-images", type=int, default=None,
+              help="Of which in the evaluation split; default: the published split of the setting.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {artifacts: [{name, bytes, files}], stages, ...}.")
+@params_option
+@set_option
+def plan_command(setting: str | None, images: int | None, eval_images: int | None, as_json: bool,
+                 params_path: str, overrides: tuple[str, ...]) -> None:
+    """Each artifact's bytes and files and each stage's peak memory, before running (pipeline/plan.py)."""
+    import json
+
+    from pipeline.config import apply_overrides, config_from_params
+    from pipeline.data import Manifest
+    from pipeline.plan import EVAL_IMAGES, format_plan, plan
+    from pipeline.settings import SETTINGS
+
+    try:
+        if setting:
+            config = config_from_params(apply_overrides(SETTINGS.get(setting).params(), list(overrides)),
+                                        f"setting {setting}")
+        else:
+            config = load_config(params_path, overrides)
+        manifest = None
+        if images is None:
+            if not config.path("manifest").exists():
+                raise InputError(config.path("manifest"), "no manifest to plan from: pass --images N "
+                                                          "(and --eval-images M), or run the prepare stage")
+            manifest = Manifest.load(config.path("manifest"))
+        elif eval_images is None:
+            eval_images = EVAL_IMAGES.get(config.setting, 0)
+        result = plan(config, n_images=images, n_eval=eval_images, manifest=manifest)
+    except (InputError, ProvenanceError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
+
+
 @main.command("dvc-yaml")
 @click.option("--check", is_flag=True, help="Exit 1 when dvc.yaml differs from the stage table; write nothing.")
 @click.option("--out", default="dvc.yaml", show_default=True, type=click.Path(dir_okay=False))

@@ -113,11 +113,21 @@ class Concepts:
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)         # the store holds float16: normalise in float32
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def pool_rows(kinds: np.ndarray, pool: str) -> np.ndarray:
     return np.flatnonzero(kinds == CROP_KINDS[pool])
+
+
+def memory_needed(n_pool: int, n_rows: int, dim: int, read_chunk: int = 65536,
+                  memory_budget: int = MEMORY_BUDGET) -> dict[str, int]:
+    """The concepts stage's dominant allocations (bytes) for a pool of `n_pool` crops among `n_rows`
+    crop rows of dimension `dim`: the bound of the module docstring, term by term."""
+    held = n_pool * dim * (4 if n_pool * dim * 4 <= memory_budget else 2)
+    return {"held pool": held, "labels and distances": n_pool * 16, "kinds and assignment": n_rows * 5,
+            "working chunk": read_chunk * (dim * 4 * 2 + 12)}
 
 
 def _check_enough(n: int, k: int) -> None:
@@ -377,7 +387,7 @@ def discover_concepts(store: zarr.Group, cfg: ConceptsConfig, *, read_chunk: int
     unknown = sorted(set(cfg.k) - set(POOL_ORDER))
     if unknown:
         raise InputError(None, f"concepts.k has unknown pool(s) {unknown}; pools are {list(POOL_ORDER)}")
-    kinds = read_rows(store, "crops/kind")
+    kinds = read_rows(store, "crops/kind", absent_ok=True)      # 255 for images without crops: in no pool
     rng = np.random.default_rng(cfg.seed)
     centroids, pools, objective, trained_on = [], [], {}, {}
     assignment = np.full(len(kinds), -1, dtype=np.int32)

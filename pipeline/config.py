@@ -69,11 +69,19 @@ class FeaturesConfig:
     # pass at the concept scale (80x80 for COCO), thresholded at its mean on the patch grid,
     # nearest-upsampled to the pixels.
     foreground: str = "upsampled"
-    chunk_images: int = 64              # images per progress/resume shard
+    # Images per shard of the store: one file per array per shard, the unit of work and of resume.
+    chunk_images: int = 64
+    # Training-split patch vectors kept for the bottom-up baseline's k-means, at most (spread
+    # evenly over the images, seeded by image): patch features are stored whole for the
+    # evaluation split only, as nothing else reads them.
+    bottom_up_samples: int = 200_000
 
     def __post_init__(self) -> None:
         _check_choice("foreground", self.foreground, ("upsampled", "concept_scale"))
         _check_choice("windows", self.windows, ("even", "reference"))
+        for name in ("chunk_images", "bottom_up_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -113,10 +121,12 @@ class PseudoLabelsConfig:
     # dtype of the stored CAMs (pseudolabels.h5 `cam`). A ViT CAM is attn / max(attn) plus a small
     # gradient term: float16 (11 significant bits) ties or flips the argmax of many pixels
     # (benchmarks/bench_cam_precision.py); float32 stores exactly what was computed.
-    cam_dtype: str = "float32"          # float32 | float16
+    # How CAMs are stored: float32 | float16 | uint16 (each image's CAMs over their maximum, in
+    # steps of 1/65535: the size of float16, finer near the maximum; store.create_pseudolabel_file)
+    cam_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_choice("cam_dtype", self.cam_dtype, ("float16", "float32"))
+        _check_choice("cam_dtype", self.cam_dtype, ("float32", "float16", "uint16"))
 
 
 @dataclass
@@ -406,4 +416,10 @@ def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str
     overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
     source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+    return _build(Config, raw, "", source)
+
+
+def config_from_params(raw: dict, source: str) -> Config:
+    """A Config from params as a dict (a setting's, `SETTINGS.get(name).params()`); `source` names
+    them in errors."""
     return _build(Config, raw, "", source)

@@ -36,7 +36,7 @@ from pipeline.files import atomic_write, write_json
 from pipeline.metrics import SegmentationMetrics
 from pipeline.registry import Registry
 from pipeline.runtime import autocast, log, progress, resolve_device
-from pipeline.store import open_features_of, open_pseudolabels_of, read_h5_attrs, read_rows
+from pipeline.store import open_features_of, open_pseudolabels_of, read_cams, read_h5_attrs, read_rows
 from pipeline.train.inference import load_segmenter
 
 # ----------------------------------------------------------------------------- protocols
@@ -177,24 +177,23 @@ def label_in_protocol(label: np.ndarray, train: tuple[int, int], protocol: EvalP
 def cam_scores(handle: h5py.File, index: int) -> torch.Tensor:
     """The stored CAMs of one image as scores (K, h, w), normalised as the hard pseudo
     labels are (`pipeline.cam.cams_to_labels`), so their argmax is the pseudo label."""
-    cam = torch.from_numpy(handle["cam"][index].astype(np.float32))
+    cam = torch.from_numpy(read_cams(handle, index))
     return normalize_cams(cam[None])[0]
 
 
 class BottomUp:
-    """k-means on L2-normalised dense patch features; scores are negative distances."""
+    """k-means on L2-normalised dense patch features; scores are negative distances.
+
+    Trained on the training images' patch vectors the feature store samples for it
+    (`patch_sample`, features.bottom_up_samples in all), so training never reads whole patch maps.
+    """
 
     def __init__(self, store: zarr.Group, train_indices: np.ndarray, k: int, seed: int,
-                 max_points: int = 200_000, iterations: int = 50) -> None:
-        patch = store["patch"]
-        h, w, dim = patch.shape[1:]
-        rng = np.random.default_rng(seed)
-        per_image = max(1, min(h * w, max_points // max(len(train_indices), 1)))
-        samples = []
-        for i in train_indices:
-            feats = np.asarray(read_rows(store, "patch", int(i)), dtype=np.float32).reshape(-1, dim)
-            samples.append(feats[rng.choice(len(feats), size=per_image, replace=False)])
-        points = self._normalise(np.concatenate(samples))
+                 iterations: int = 50) -> None:
+        per = int(store.attrs["samples_per_image"])
+        rows = (np.asarray(train_indices, dtype=np.int64)[:, None] * per + np.arange(per)).ravel()
+        points = self._normalise(np.asarray(read_rows(store, "patch_sample", rows), dtype=np.float32))
+        dim = points.shape[1]
         self.kmeans = faiss.Kmeans(dim, k, niter=iterations, seed=seed, verbose=False,
                                    max_points_per_centroid=max(256, len(points) // k + 1))
         self.kmeans.train(points)

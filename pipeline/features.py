@@ -33,8 +33,8 @@ from pipeline.errors import InputError
 from pipeline.data import Manifest, images_to_tensor, resize_image
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
 from pipeline.runtime import autocast, log, prefetched, progress, resolve_device
-from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, shards,
-                            writing_every_chunk)
+from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, feature_arrays,
+                            image_members, samples_per_image, shards)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -156,14 +156,6 @@ class FeatureLayout:
         return cls((h, w), (h // stride, w // stride), concept, windows, backbone.embed_dim)
 
 
-def crop_slots(manifest: Manifest, crop_split: str) -> np.ndarray:
-    """For each manifest image, its block index in the crop arrays (-1: no crops)."""
-    slots = np.full(len(manifest.records), -1, dtype=np.int64)
-    members = [i for i, record in enumerate(manifest.records) if record.split == crop_split]
-    slots[members] = np.arange(len(members))
-    return slots
-
-
 @torch.no_grad()
 def embed_crops(backbone: Backbone, concept_images: torch.Tensor, boxes: torch.Tensor,
                 owners: torch.Tensor, crop_size: int, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -182,26 +174,53 @@ def embed_crops(backbone: Backbone, concept_images: torch.Tensor, boxes: torch.T
     return torch.cat(out) if out else torch.zeros(0, backbone.embed_dim)
 
 
+def bottom_up_sample(patch: np.ndarray, image: int, count: int) -> np.ndarray:
+    """`count` patch vectors (count, D) of one image's patch features (h, w, D), drawn without
+    replacement with a generator seeded by the image's manifest index: the same sample whichever
+    shard, worker or run computes the image."""
+    flat = patch.reshape(-1, patch.shape[-1])
+    return flat[np.random.default_rng(image).choice(len(flat), size=count, replace=False)]
+
+
 def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: int, *,
                         backbone: Backbone, cfg: FeaturesConfig, layout: FeatureLayout,
-                        slots: np.ndarray, batch_size: int, device: torch.device, bar=None) -> None:
-    """Compute and write images [start, stop): their rows of every array, nothing else.
-    Call it under store.writing_every_chunk(), as extract_features does."""
+                        crop_split: str, eval_split: str, batch_size: int, device: torch.device, bar=None) -> None:
+    """Compute images [start, stop) (one shard of the store) and write each array's shard once.
+
+    The shard is assembled in memory (at most shard x (h, w, D) float16 of patch features, when
+    it holds evaluation images) and written in one go: a sharded array rewrites a whole shard
+    file on every write, and one write per shard by its one writer is what lets independent
+    tasks build one store.
+    """
+    arrays = feature_arrays(layout.grid, layout.dim, len(layout.windows), int(root.attrs["samples_per_image"]))
+    splits = [manifest.records[i].split for i in range(start, stop)]
+    holds = {"all": [True] * len(splits), "eval": [s == eval_split for s in splits],
+             "crops": [s == crop_split for s in splits]}
+    blocks = {name: np.full(spec.shape(stop - start), spec.fill_value, dtype=spec.dtype)
+              for name, spec in arrays.items() if spec.rows_per_image and any(holds[spec.images])}
     pools = {CROP_KINDS[name] for name in cfg.pools}
-    n_windows = len(layout.windows)
+    n_windows, n_samples = len(layout.windows), arrays["patch_sample"].rows_per_image
     starts = list(range(start, stop, batch_size))
     # the next batches are decoded while this one runs through the backbone
     decoded = prefetched(starts, lambda b0: [manifest.image(i) for i in range(b0, min(b0 + batch_size, stop))])
     for b0, originals in zip(starts, decoded):
         b1 = min(b0 + batch_size, stop)
+        local = slice(b0 - start, b1 - start)
         images = images_to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
         with torch.no_grad(), autocast(device):
             out = backbone(images)
-        root["patch"][b0:b1] = out.patch.float().cpu().numpy().astype(np.float16)
-        root["embedding"][b0:b1] = out.embedding.float().cpu().numpy()
-        root["saliency"][b0:b1] = out.saliency.float().cpu().numpy().astype(np.float16)
+        patch = out.patch.float().cpu().numpy().astype(np.float16)
+        blocks["embedding"][local] = out.embedding.float().cpu().numpy()
+        blocks["saliency"][local] = out.saliency.float().cpu().numpy().astype(np.float16)
+        for j in range(b1 - b0):
+            position = b0 - start + j
+            if holds["eval"][position]:
+                blocks["patch"][position] = patch[j]
+            if holds["crops"][position]:
+                blocks["patch_sample"][position * n_samples:(position + 1) * n_samples] = \
+                    bottom_up_sample(patch[j], b0 + j, n_samples)
 
-        with_crops = [j for j in range(b1 - b0) if slots[b0 + j] >= 0]
+        with_crops = [j for j in range(b1 - b0) if holds["crops"][b0 - start + j]]
         if with_crops and n_windows:
             concept = images_to_tensor([resize_image(originals[j], layout.concept_size) for j in with_crops]).to(device)
             if cfg.foreground == "concept_scale":      # one more pass, at the scale the crops come from
@@ -211,60 +230,86 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
             else:
                 fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
             kinds, owners, boxes = [], [], []
-            for local, j in enumerate(with_crops):
-                kind, _ = classify_windows(fg[local], layout.windows, cfg.thing_fraction, cfg.stuff_fraction)
+            for local_index, j in enumerate(with_crops):
+                kind, _ = classify_windows(fg[local_index], layout.windows, cfg.thing_fraction, cfg.stuff_fraction)
                 if "all" in cfg.pools:
                     kind = np.full_like(kind, CROP_KINDS["all"])
-                kinds.append(kind)
-                keep = np.flatnonzero(np.isin(kind, list(pools)))
-                owners.append(np.full(len(keep), local))
+                keep = np.isin(kind, list(pools))
+                kinds.append(np.where(keep, kind, CROP_KINDS["none"]).astype(np.uint8))
+                owners.append(np.full(int(keep.sum()), local_index))
                 boxes.append(layout.windows[keep])
             embeddings = embed_crops(backbone, concept, torch.from_numpy(np.concatenate(boxes)),
                                      torch.from_numpy(np.concatenate(owners)), cfg.crop_size,
                                      batch_size * 4, device).numpy()
+            if np.abs(embeddings).max(initial=0) > np.finfo(np.float16).max:
+                raise InputError(None, f"crop embeddings of images {b0}..{b1 - 1} exceed float16's range "
+                                       f"(65504), in which the feature store holds them: this backbone's "
+                                       f"embeddings are not those of a normalised network")
+            embeddings = embeddings.astype(np.float16)
             offset = 0
-            for local, j in enumerate(with_crops):
-                rows = slice(slots[b0 + j] * n_windows, (slots[b0 + j] + 1) * n_windows)
-                kind = kinds[local]
-                keep = np.isin(kind, list(pools))
-                block = np.zeros((n_windows, layout.dim), dtype=np.float32)
+            for local_index, j in enumerate(with_crops):
+                rows = slice((b0 - start + j) * n_windows, (b0 - start + j + 1) * n_windows)
+                keep = kinds[local_index] != CROP_KINDS["none"]
+                block = np.zeros((n_windows, layout.dim), dtype=np.float16)   # windows of no pool: zeros
                 block[keep] = embeddings[offset:offset + keep.sum()]
                 offset += int(keep.sum())
-                root["crops/embedding"][rows] = block
-                root["crops/box"][rows] = layout.windows
-                root["crops/image"][rows] = np.full(n_windows, b0 + j, dtype=np.int32)
-                root["crops/kind"][rows] = np.where(keep, kind, CROP_KINDS["none"]).astype(np.uint8)
+                blocks["crops/embedding"][rows] = block
+                blocks["crops/kind"][rows] = kinds[local_index]
         if bar is not None:
             bar.update(b1 - b0)
+    for name, block in blocks.items():
+        per = arrays[name].rows_per_image
+        root[name][start * per:stop * per] = block
 
 
-def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, out: str | Path, *,
-                     crop_split: str, batch_size: int, device: torch.device, weights_source: str = "",
-                     show_progress: bool = True) -> Path:
-    """Build `out` (a Zarr v3 store) for every image of the manifest; resumable.
-
-    The store is built at `<out>.partial`; finished shards of `cfg.chunk_images` images are
-    logged, so a rerun after an interruption continues where it stopped (if it was
-    made with the same backbone and params), and `out` appears only when complete.
-    """
-    out = Path(out)
-    layout = FeatureLayout.from_config(cfg, backbone)
-    slots = crop_slots(manifest, crop_split)
-    n_crop_images = int((slots >= 0).sum())
-    attrs = {
+def store_attrs(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, layout: FeatureLayout, *,
+                crop_split: str, eval_split: str, weights_source: str = "") -> dict:
+    """What a feature store records about how it was made; its readers check part of it."""
+    return {
         "backbone": backbone.name,
         "weights_id": backbone.weights_id,
         "weights_source": weights_source,
         "image_size": list(layout.image_size),
         "grid": list(layout.grid),
         "concept_size": list(layout.concept_size),
-        "windows_per_image": int(len(layout.windows)),
+        "windows": layout.windows.tolist(),      # crop row r is window r % W of image r // W
         "crop_split": crop_split,
+        "eval_split": eval_split,
         "params": asdict(cfg),
         "dataset": manifest.dataset,
         "images_hash": fingerprint([r.id for r in manifest.records]),
         "n_images": len(manifest.records),
     }
+
+
+def new_feature_store(path: str | Path, manifest: Manifest, cfg: FeaturesConfig, layout: FeatureLayout,
+                      attrs: dict) -> zarr.Group:
+    """The empty store of `manifest`'s images: its arrays, shards and the images each holds."""
+    members = image_members([r.split for r in manifest.records], attrs["eval_split"], attrs["crop_split"])
+    return create_feature_store(
+        path, n_images=len(manifest.records), grid=layout.grid, dim=layout.dim,
+        windows_per_image=len(layout.windows), members=members, shard_images=cfg.chunk_images,
+        samples_per_image=samples_per_image(cfg.bottom_up_samples, len(members["crops"]), layout.grid),
+        attrs=attrs)
+
+
+def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, out: str | Path, *,
+                     crop_split: str, eval_split: str | None = None, batch_size: int, device: torch.device,
+                     weights_source: str = "", show_progress: bool = True) -> Path:
+    """Build `out` (a Zarr v3 store, store.feature_arrays) for every image of the manifest; resumable.
+
+    The store is built at `<out>.partial`; finished shards of `cfg.chunk_images` images are
+    logged, so a rerun after an interruption continues where it stopped (if it was
+    made with the same backbone and params), and `out` appears only when complete.
+
+    Args:
+        crop_split: the split whose images give crops (and bottom-up samples).
+        eval_split: the split whose patch features are stored; None: the crop split.
+    """
+    out = Path(out)
+    layout = FeatureLayout.from_config(cfg, backbone)
+    attrs = store_attrs(manifest, backbone, cfg, layout, crop_split=crop_split,
+                        eval_split=crop_split if eval_split is None else eval_split, weights_source=weights_source)
     partial = partial_path(out)
     log_dir = ShardLog(partial.with_name(partial.name + ".shards"))
     if resume_or_restart(partial, lambda p: check_provenance(p, dict(zarr.open_group(str(p), mode="r").attrs), attrs),
@@ -272,24 +317,21 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
         root = zarr.open_group(str(partial), mode="r+")
     else:
         log_dir.clear()
-        root = create_feature_store(partial, n_images=len(manifest.records), grid=layout.grid,
-                                    dim=layout.dim, n_crop_images=n_crop_images,
-                                    windows_per_image=len(layout.windows), attrs=attrs)
+        root = new_feature_store(partial, manifest, cfg, layout, attrs)
     backbone.to(device).eval()
     todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
     skipped = len(manifest.records) - sum(b - a for a, b in todo)
     tic = time.perf_counter()
-    # Arrays opened under writing_every_chunk store every chunk, fill-valued ones too, so that
-    # an absent chunk file always means damage (store.verify_feature_store).
-    with progress(total=len(manifest.records), desc="features", enabled=show_progress) as bar, \
-            writing_every_chunk():
+    with progress(total=len(manifest.records), desc="features", enabled=show_progress) as bar:
         bar.update(skipped)
         for a, b in todo:
             write_feature_shard(root, manifest, a, b, backbone=backbone, cfg=cfg, layout=layout,
-                                slots=slots, batch_size=batch_size, device=device, bar=bar)
+                                crop_split=attrs["crop_split"], eval_split=attrs["eval_split"],
+                                batch_size=batch_size, device=device, bar=bar)
             log_dir.mark(a, b)
     seconds = time.perf_counter() - tic
     done = len(manifest.records) - skipped
+    n_crop_images = sum(r.split == crop_split for r in manifest.records)
     log(f"features: {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s"
         f"{f', {skipped} resumed from a previous run' if skipped else ''}); "
         f"grid {layout.grid}, {len(layout.windows)} windows per image, {n_crop_images} images with crops")
@@ -301,6 +343,6 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
 def features_stage(config: Config) -> None:
     """Stage `features`: every manifest image through the frozen backbone into the Zarr store."""
     extract_features(Manifest.load(config.path("manifest")), backbone_from_config(config.backbone), config.features,
-                     config.path("features"), crop_split=config.data.train_split,
+                     config.path("features"), crop_split=config.data.train_split, eval_split=config.data.eval_split,
                      batch_size=config.backbone.batch_size, device=resolve_device(config.backbone.device),
                      weights_source=config.backbone.weights)

@@ -116,10 +116,7 @@ def plot_features(art: Artifacts, indices: Sequence[int], out_dir: str | Path, *
     if not indices:
         raise ValueError("no images chosen")
     store = art.feature_store
-    order = np.argsort(indices)                          # zarr wants increasing indices
-    patches = np.empty((len(indices), *store["patch"].shape[1:]), dtype=np.float16)
-    patches[order] = store["patch"].get_orthogonal_selection(np.asarray(indices)[order])
-    rgb = pca_rgb(patches)
+    rgb = pca_rgb(art.patch_features(indices))          # computed for images the store does not hold
     # ViTs store the [CLS] attention, CNNs the feature norm (pipeline.backbones.BackboneOutput)
     saliency_title = ("saliency: [CLS] attention" if "vit" in str(art.feature_attrs.get("backbone", ""))
                       else "saliency: feature norm")

@@ -23,7 +23,8 @@ from pipeline.config import Config, PseudoLabelsConfig
 from pipeline.data import Manifest
 from pipeline.files import commit, partial_path, resume_or_restart
 from pipeline.runtime import log, prefetched, progress, resolve_device
-from pipeline.store import check_provenance, create_pseudolabel_file, pseudolabel_provenance, read_h5_attrs
+from pipeline.store import (check_provenance, create_pseudolabel_file, encode_cams, pseudolabel_provenance,
+                            read_h5_attrs)
 
 
 def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tensor,
@@ -75,7 +76,8 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
                 cams = concept_maps(backbone, images, centroids, cfg)
                 labels = cams_to_labels(cams)
                 # h5py fancy indexing wants increasing indices; `todo` is sorted.
-                handle["cam"][batch] = cams.float().cpu().numpy().astype(cfg.cam_dtype)  # pseudolabels.cam_dtype
+                handle["cam"][batch], handle["cam_scale"][batch] = encode_cams(cams.float().cpu().numpy(),
+                                                                                cfg.cam_dtype)
                 handle["label"][batch] = labels.cpu().numpy().astype(handle["label"].dtype)
                 handle["done"][batch] = True
                 handle.flush()

@@ -82,7 +82,7 @@ _declare(Stage(
     data_inputs=("${data.root}",)))
 _declare(Stage(
     "features", "Embed every image (patch features, embedding, saliency) and the concept crops into Zarr.",
-    "pipeline.features:features_stage", params=("backbone", "features", "data.train_split"),
+    "pipeline.features:features_stage", params=("backbone", "features", "data.train_split", "data.eval_split"),
     inputs=("manifest",), outputs=("features",)))
 _declare(Stage(
     "concepts", "Cluster the crop embeddings into concepts with FAISS k-means.",

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
-from itertools import product
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import h5py
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec
 
 from pipeline.config import Config
 from pipeline.errors import InputError, ProvenanceError
@@ -85,27 +84,97 @@ class ShardLog:
 
 
 # ----------------------------------------------------------------------------- features (Zarr)
-FEATURE_ARRAYS = ("patch", "embedding", "saliency", "crops/embedding", "crops/box",
-                  "crops/image", "crops/kind")
 CROP_KINDS = {"none": 0, "thing": 1, "stuff": 2, "all": 3}
+NOT_STORED_KIND = 255       # crops/kind of an image without crops (not of the crop split)
 
 
-# Every feature array is chunked along N only, and stored so that an absent chunk file always
-# means damage: zarr skips a chunk equal to the fill value unless `write_empty_chunks` is set
-# (and then reads the fill value back, silently). Flat chunk keys ('c.12.0.0.0', one folder per
-# array) let verify_feature_store list a store of 100k images in milliseconds, where nested
-# keys cost one folder read per image and array. Zstd checksums turn a flipped bit into a read
-# error instead of wrong numbers.
+@dataclass(frozen=True)
+class FeatureArray:
+    """One array of the feature store: `rows_per_image` rows of `row_shape` per manifest image.
+
+    Every array is indexed by manifest image (rows [i * r, (i + 1) * r) are image i's), but
+    holds only the images of its `images` set ("all", "eval": the evaluation split, "crops":
+    the crop split); the rows of the others are never written and cost nothing on disk.
+    """
+
+    name: str
+    rows_per_image: int
+    row_shape: tuple[int, ...]
+    dtype: str
+    images: str                 # all | eval | crops
+    description: str
+
+    @property
+    def fill_value(self) -> float | int:
+        # NaN (255 for kinds) is never a computed value, so a row read back as fill was never written
+        return NOT_STORED_KIND if self.dtype == "uint8" else float("nan")
+
+    def shape(self, n_images: int) -> tuple[int, ...]:
+        return (n_images * self.rows_per_image, *self.row_shape)
+
+    def row_bytes(self) -> int:
+        """Bytes of one image's block (its inner chunk)."""
+        return self.rows_per_image * int(np.prod(self.row_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def feature_arrays(grid: tuple[int, int], dim: int, windows_per_image: int,
+                   samples_per_image: int) -> dict[str, FeatureArray]:
+    """The arrays of a feature store, with what each holds: the one description of its layout,
+    used to create it (create_feature_store), verify it and plan its size (pipeline.plan).
+
+    Args:
+        grid: (h, w) patch grid at the training size.
+        dim: D, the backbone's embedding size.
+        windows_per_image: W crop windows per image of the crop split (features.FeatureLayout).
+        samples_per_image: S patch vectors kept per image of the crop split for the bottom-up
+            baseline (samples_per_image()).
+    """
+    h, w = grid
+    arrays = [
+        FeatureArray("embedding", 1, (dim,), "float32", "all", "global embedding (N, D)"),
+        FeatureArray("saliency", 1, (h, w), "float16", "all", "saliency map (N, h, w)"),
+        FeatureArray("patch", 1, (h, w, dim), "float16", "eval",
+                     "patch features (N, h, w, D), evaluation split only"),
+        FeatureArray("patch_sample", samples_per_image, (dim,), "float16", "crops",
+                     "patch vectors sampled for the bottom-up baseline (N * S, D), crop split only"),
+        FeatureArray("crops/embedding", windows_per_image, (dim,), "float16", "crops",
+                     "crop embeddings (N * W, D), zeros for windows of no pool in use"),
+        FeatureArray("crops/kind", windows_per_image, (), "uint8", "crops",
+                     "crop kind (N * W,): CROP_KINDS codes"),
+    ]
+    return {a.name: a for a in arrays}
+
+
+FEATURE_ARRAYS = tuple(feature_arrays((1, 1), 1, 1, 1))
+
+
+def samples_per_image(total: int, n_images: int, grid: tuple[int, int]) -> int:
+    """Bottom-up sample per image of the crop split: `total` (features.bottom_up_samples)
+    spread evenly, at least 1, at most every patch."""
+    return max(1, min(grid[0] * grid[1], total // max(n_images, 1)))
+
+
+def image_members(manifest_splits: Sequence[str], eval_split: str, crop_split: str) -> dict[str, np.ndarray]:
+    """Manifest indices of each `FeatureArray.images` set, from the split of every image."""
+    splits = np.asarray(list(manifest_splits), dtype=object)
+    return {"all": np.arange(len(splits)), "eval": np.flatnonzero(splits == eval_split),
+            "crops": np.flatnonzero(splits == crop_split)}
+
+
+def stored_shards(members: np.ndarray, shard_images: int) -> list[int]:
+    """Shard indices along N that hold at least one of `members` (manifest indices): the shard
+    files such an array has, since a shard of unwritten rows is never written."""
+    return sorted({int(i) // shard_images for i in members})
+
+
+# A feature store is sharded (zarr v3 sharding): one file holds `shard_images` images of one
+# array, so the files grow in large steps (about 500 per array for COCO's 123k images at 256
+# per shard), each image is one inner chunk readable on its own (one byte-range read), and a
+# shard is the unit of work, written once, by the one task that computed it. Uncompressed
+# (float features barely compress) with a CRC32C per chunk: a flipped bit is a read error,
+# not a wrong number, and a store's size is known in advance (pipeline.plan).
 _ARRAY_OPTIONS = {"chunk_key_encoding": {"name": "default", "separator": "."},
-                  "compressors": ZstdCodec(level=0, checksum=True),
-                  "config": {"write_empty_chunks": True}}
-
-
-def writing_every_chunk():
-    """Context manager under which the arrays opened (and written) store every chunk, one equal
-    to the fill value included. `write_empty_chunks` is a setting of the opened array, not saved
-    in the store, so every writer of a feature store must open its arrays under it."""
-    return zarr.config.set({"array.write_empty_chunks": True})
+                  "serializer": BytesCodec(), "compressors": Crc32cCodec(), "filters": None}
 
 
 def create_feature_store(
@@ -114,30 +183,32 @@ def create_feature_store(
     n_images: int,
     grid: tuple[int, int],
     dim: int,
-    n_crop_images: int,
     windows_per_image: int,
     attrs: dict,
+    members: dict[str, np.ndarray] | None = None,
+    samples_per_image: int = 1,
+    shard_images: int = 1,
 ) -> zarr.Group:
-    """Empty Zarr v3 group for `n_images` images: one chunk per image along N.
+    """Empty Zarr v3 group for `n_images` images (feature_arrays: one inner chunk per image,
+    one shard per `shard_images` images).
 
-    Crops take `windows_per_image` rows per image of the crop split, so that the rows
-    of image j are [j * W, (j + 1) * W) and any shard of images writes its own chunks.
-    Write it under `writing_every_chunk()` (arrays reopened through the group forget it).
+    Args:
+        members: manifest indices of each image set ("all", "eval", "crops"; image_members);
+            None: every image in every set. Recorded as the shards each array must have
+            (attrs["shards"]), which verify_feature_store checks.
+        shard_images: images per shard, the unit a task writes at once (write_feature_shard).
     """
-    h, w = grid
+    members = members or {key: np.arange(n_images) for key in ("all", "eval", "crops")}
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    opts = _ARRAY_OPTIONS
-    root.create_array("patch", shape=(n_images, h, w, dim), chunks=(1, h, w, dim), dtype="float16", **opts)
-    root.create_array("embedding", shape=(n_images, dim), chunks=(1, dim), dtype="float32", **opts)
-    root.create_array("saliency", shape=(n_images, h, w), chunks=(1, h, w), dtype="float16", **opts)
-    crops = root.create_group("crops")
-    rows = n_crop_images * windows_per_image
-    per = max(windows_per_image, 1)
-    crops.create_array("embedding", shape=(rows, dim), chunks=(per, dim), dtype="float32", fill_value=0, **opts)
-    crops.create_array("box", shape=(rows, 4), chunks=(per, 4), dtype="int32", fill_value=0, **opts)
-    crops.create_array("image", shape=(rows,), chunks=(per,), dtype="int32", fill_value=-1, **opts)
-    crops.create_array("kind", shape=(rows,), chunks=(per,), dtype="uint8", fill_value=0, **opts)
-    root.attrs.update(attrs)
+    shards = {}
+    for spec in feature_arrays(grid, dim, windows_per_image, samples_per_image).values():
+        per = max(spec.rows_per_image, 1)
+        root.create_array(spec.name, shape=spec.shape(n_images), chunks=(per, *spec.row_shape),
+                          shards=(per * shard_images, *spec.row_shape), dtype=spec.dtype,
+                          fill_value=spec.fill_value, **_ARRAY_OPTIONS)
+        shards[spec.name] = stored_shards(members[spec.images], shard_images) if spec.rows_per_image else []
+    root.attrs.update({**attrs, "shard_images": shard_images, "windows_per_image": windows_per_image,
+                       "samples_per_image": samples_per_image, "shards": shards})
     return root
 
 
@@ -173,7 +244,8 @@ def open_features_of(config: Config) -> zarr.Group:
     """The feature store of `config`'s cache, checked to be made with its backbone, features
     params and crop split (what the stages that read it depend on) and to have every chunk."""
     return open_features(config.path("features"), expected={
-        "backbone": config.backbone.name, "params": asdict(config.features), "crop_split": config.data.train_split},
+        "backbone": config.backbone.name, "params": asdict(config.features), "crop_split": config.data.train_split,
+        "eval_split": config.data.eval_split},
         verify=True)
 
 
@@ -182,17 +254,26 @@ def _feature_repair(path: Path) -> str:
     return f"restore it: dvc checkout --force {path}, or rerun the features stage: dvc repro -f -s features"
 
 
-def _chunk_rows(array: zarr.Array, chunk: int) -> str:
-    """'row 7' or 'rows 8..15': the rows along N that chunk `chunk` holds."""
-    size = array.chunks[0]
-    start, stop = chunk * size, min((chunk + 1) * size, array.shape[0])
+def _shard_rows(array: zarr.Array) -> int:
+    """Rows along N of one stored file of `array`: a shard (a chunk for an unsharded array)."""
+    return (array.shards or array.chunks)[0]
+
+
+def _file_rows(array: zarr.Array, shard: int) -> str:
+    """'row 7' or 'rows 8..15': the rows along N that shard `shard` holds."""
+    size = _shard_rows(array)
+    start, stop = shard * size, min((shard + 1) * size, array.shape[0])
     return f"row {start}" if stop - start == 1 else f"rows {start}..{stop - 1}"
 
 
-def _chunk_names(array: zarr.Array, chunks: Sequence[int], total: int, shown: int = 3) -> str:
-    """'c.3.0 (rows 6..7), c.5.0 (rows 10..11), ... (5 in all)' for chunk indices along N."""
-    names = [f"{array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))} ({_chunk_rows(array, c)})"
-             for c in chunks[:shown]]
+def _file_key(array: zarr.Array, shard: int) -> str:
+    """The file name of shard `shard` along N, e.g. 'c.3.0.0.0'."""
+    return array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
+
+def _file_names(array: zarr.Array, shards: Sequence[int], total: int, shown: int = 3) -> str:
+    """'c.3.0 (rows 6..7), c.5.0 (rows 10..11), ... (5 in all)' for shard indices along N."""
+    names = [f"{_file_key(array, s)} ({_file_rows(array, s)})" for s in shards[:shown]]
     return ", ".join(names) + (f", ... ({total} in all)" if total > len(names) else "")
 
 
@@ -207,22 +288,26 @@ def _stored_files(path: Path) -> set[str]:
 
 
 def verify_feature_store(path: str | Path, root: zarr.Group | None = None) -> None:
-    """Refuse a feature store with an array or chunk file missing (zarr would read zeros).
+    """Refuse a feature store with an array or shard file missing (zarr would read fill values).
 
-    Every chunk is written, even one equal to the fill value (create_feature_store), so an
-    absent chunk file is damage: a deleted file, an incomplete checkout or copy. The
-    expected chunk keys of each array of FEATURE_ARRAYS are compared with one listing of
-    the folder: no per-chunk calls, so it stays cheap at 100k+ chunk files.
+    The store records the shards each array must have (attrs["shards"], create_feature_store):
+    those holding at least one image of the array's image set. A missing one is damage: a
+    deleted file, an incomplete checkout or copy. They are compared with one listing of the
+    folder, so it stays cheap for any number of images.
 
     Args:
         path: the store folder.
         root: the store opened at `path`, if it already is.
     Raises:
-        InputError: naming each damaged array, a few of its missing chunks and how many, and
+        InputError: naming each damaged array, a few of its missing shards and how many, and
             the fix.
     """
     path = Path(path)
     root = zarr.open_group(str(path), mode="r") if root is None else root
+    expected = root.attrs.get("shards")
+    if not isinstance(expected, dict):
+        raise InputError(path, "feature store of an older layout (no shard record); rebuild it: "
+                               "dvc repro -f -s features")
     present = _stored_files(path)
     problems = []
     for name in FEATURE_ARRAYS:
@@ -231,14 +316,13 @@ def verify_feature_store(path: str | Path, root: zarr.Group | None = None) -> No
         except KeyError:
             problems.append(f"array '{name}' is missing")
             continue
-        grid = list(product(*(range(n) for n in array.cdata_shape)))
-        missing = [coords[0] for coords in grid
-                   if f"{name}/{array.metadata.encode_chunk_key(coords)}" not in present]
+        shards = expected.get(name, [])
+        missing = [s for s in shards if f"{name}/{_file_key(array, s)}" not in present]
         if missing:
-            problems.append(f"array '{name}' lacks {len(missing)} of its {len(grid)} chunk files: "
-                            f"{_chunk_names(array, missing, len(missing))}")
+            problems.append(f"array '{name}' lacks {len(missing)} of its {len(shards)} shard files: "
+                            f"{_file_names(array, missing, len(missing))}")
     if problems:
-        raise InputError(path, "damaged feature store (a missing chunk would be read as zeros): "
+        raise InputError(path, "damaged feature store (a missing shard would be read as empty): "
                          + "; ".join(problems) + f"; {_feature_repair(path)}")
 
 
@@ -248,26 +332,31 @@ def _store_folder(store: zarr.Group) -> Path:
     return Path(root) / store.path if root is not None else Path(str(store.store))
 
 
-def read_rows(store: zarr.Group, name: str, rows: int | slice | np.ndarray = slice(None)) -> np.ndarray:
+def read_rows(store: zarr.Group, name: str, rows: int | slice | np.ndarray = slice(None), *,
+              absent_ok: bool = False) -> np.ndarray:
     """Rows of a feature array, with a damaged chunk reported as an InputError, not a zarr traceback.
 
     Args:
         store: an open feature store (open_features / open_features_of).
         name: an array of FEATURE_ARRAYS, e.g. 'patch' or 'crops/embedding'.
         rows: along N: an index, a slice, or an integer array (any order; orthogonal selection).
+        absent_ok: return rows the store does not hold as their fill value (NaN; 255 for
+            crops/kind) rather than refusing them.
     Returns:
         The selected rows with every other axis whole: read_rows(store, 'patch', i) is (h, w, D)
-        float16, read_rows(store, 'crops/embedding', idx) is (len(idx), D) float32.
+        float16, read_rows(store, 'crops/embedding', idx) is (len(idx), D) float16.
     Raises:
-        InputError: the store folder, the array, the damaged chunk(s) with their rows, and the fix.
+        InputError: the store folder, the array, the damaged shard(s) with their rows, and the fix;
+            or a row the store does not hold (the patch features of a training image).
     """
     array = store[name]
     if not isinstance(rows, (int, np.integer, slice)):
         rows = np.asarray(rows)
     try:
         if isinstance(rows, np.ndarray):
-            return array.get_orthogonal_selection((rows,) + (slice(None),) * (array.ndim - 1))
-        return array[rows]
+            values = array.get_orthogonal_selection((rows,) + (slice(None),) * (array.ndim - 1))
+        else:
+            values = array[rows]
     except (IndexError, TypeError):
         raise                                   # a bad selection: the caller's bug, not damage
     except Exception as exc:  # noqa: BLE001 - codecs raise RuntimeError, ValueError, ...: told apart below
@@ -276,15 +365,47 @@ def read_rows(store: zarr.Group, name: str, rows: int | slice | np.ndarray = sli
             raise                               # every chunk reads alone: not damage (memory, ...)
         first = str(exc).splitlines()[0] if str(exc) else ""
         path = _store_folder(store)
-        raise InputError(path, f"array '{name}': chunk{'s' if len(damaged) > 1 else ''} "
-                         f"{_chunk_names(array, damaged, len(damaged))} "
+        raise InputError(path, f"array '{name}': shard{'s' if len(damaged) > 1 else ''} "
+                         f"{_file_names(array, damaged, len(damaged))} "
                          f"cannot be decoded ({type(exc).__name__}: {first}); the store is damaged; "
                          f"{_feature_repair(path)}") from None
+    if not absent_ok:
+        _check_stored(store, name, rows, values)
+    return values
+
+
+def _check_stored(store: zarr.Group, name: str, rows: int | slice | np.ndarray, values: np.ndarray) -> None:
+    """Refuse rows the store does not hold (read back as the fill value: NaN, or 255 for kinds),
+    e.g. the patch features of a training image: only the evaluation split's are stored."""
+    flat = values[None] if isinstance(rows, (int, np.integer)) else values
+    if not flat.size:
+        return
+    first = flat.reshape(len(flat), -1)[:, 0]          # a written row is never fill in any value
+    absent = np.flatnonzero(np.isnan(first) if first.dtype.kind == "f" else first == NOT_STORED_KIND)
+    if len(absent):
+        at = int(absent[0])
+        row = int(rows) if isinstance(rows, (int, np.integer)) else \
+            range(store[name].shape[0])[rows][at] if isinstance(rows, slice) else int(rows[at])
+        raise InputError(_store_folder(store), f"array '{name}' does not hold row {row} (image "
+                         f"{row // _rows_per_image(store, name)}): {_HOLDS.get(name, 'it holds some images only')}")
+
+
+_HOLDS = {"patch": "patch features are stored for the evaluation split only (features.bottom_up_samples "
+                   "keeps a sample of the others'); `transfgu inspect features` computes them for any image",
+          "patch_sample": "bottom-up samples are stored for the crop split (data.train_split) only",
+          "crops/embedding": "crops are stored for the crop split (data.train_split) only",
+          "crops/kind": "crops are stored for the crop split (data.train_split) only"}
+
+
+def _rows_per_image(store: zarr.Group, name: str) -> int:
+    key = {"patch_sample": "samples_per_image", "crops/embedding": "windows_per_image",
+           "crops/kind": "windows_per_image"}.get(name)
+    return max(int(store.attrs.get(key, 1)), 1) if key else 1
 
 
 def _damaged_chunks(array: zarr.Array, rows: int | slice | np.ndarray, limit: int = 3) -> list[int]:
-    """The first `limit` chunks along N of the selection `rows` that fail to read on their own."""
-    size, n = array.chunks[0], array.shape[0]
+    """The first `limit` shards along N of the selection `rows` that fail to read on their own."""
+    size, n = _shard_rows(array), array.shape[0]
     damaged = []
     for chunk in np.unique(np.atleast_1d(np.arange(n)[rows]) // size):
         try:
@@ -297,10 +418,13 @@ def _damaged_chunks(array: zarr.Array, rows: int | slice | np.ndarray, limit: in
 
 
 def features_as_dask(path: str | Path) -> dict:
-    """The feature arrays as lazy dask arrays, keyed like the store ('crops/box', ...)."""
+    """The feature arrays as lazy dask arrays, keyed like the store ('crops/kind', ...), one dask
+    chunk per shard (an inner chunk, one image, would make graphs of millions of tasks)."""
     import dask.array as da
 
-    return {name: da.from_zarr(str(path), component=name) for name in FEATURE_ARRAYS}
+    root = zarr.open_group(str(path), mode="r")
+    return {name: da.from_zarr(root[name], chunks=root[name].shards or root[name].chunks)
+            for name in FEATURE_ARRAYS}
 
 
 # ----------------------------------------------------------------------------- pseudo labels (HDF5)
@@ -313,22 +437,50 @@ def create_pseudolabel_file(
     attrs: dict,
     cam_dtype: str = "float16",
 ) -> None:
-    """HDF5 file with `cam` (N, K, h, w) of `cam_dtype` (float16 | float32, recorded in the
-    attribute `cam_dtype`) chunked per image, `label` (N, h, w) uint8, `image_id` (N,), and
-    `done` (N,) bool, which lets an interrupted run resume."""
-    if cam_dtype not in ("float16", "float32"):
-        raise ValueError(f"cam_dtype must be float16 or float32, got {cam_dtype!r}")
+    """HDF5 file with `cam` (N, K, h, w) of `cam_dtype` (recorded in the attribute `cam_dtype`)
+    chunked per image, `cam_scale` (N,) float32, `label` (N, h, w) uint8, `image_id` (N,), and
+    `done` (N,) bool, which lets an interrupted run resume.
+
+    cam_dtype (pseudolabels.cam_dtype): float32 | float16 | uint16, the last being each image's
+    CAMs divided by their maximum in steps of 1/65535 (the step is `cam_scale`; read_cams undoes
+    it): as small as float16, with 32 times finer steps near the maximum, where the argmax is
+    decided. Uncompressed: the size is known in advance (pipeline.plan), a read costs no decoding.
+    """
+    if cam_dtype not in CAM_DTYPES:
+        raise ValueError(f"cam_dtype must be one of {', '.join(CAM_DTYPES)}, got {cam_dtype!r}")
     h, w = grid
     n = len(image_ids)
     label_dtype = "uint8" if num_concepts < 255 else "uint16"
     with h5py.File(path, "w") as handle:
-        handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype=cam_dtype,
-                              chunks=(1, num_concepts, h, w), compression="gzip", compression_opts=1)
+        handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype=cam_dtype, chunks=(1, num_concepts, h, w))
+        handle.create_dataset("cam_scale", shape=(n,), dtype="float32", fillvalue=1.0)
         handle.create_dataset("label", shape=(n, h, w), dtype=label_dtype, chunks=(1, h, w))
         handle.create_dataset("image_id", data=np.array(image_ids, dtype=h5py.string_dtype()))
         handle.create_dataset("done", shape=(n,), dtype="bool", fillvalue=False)
         for key, value in {**attrs, "cam_dtype": cam_dtype}.items():
             handle.attrs[key] = json.dumps(value, default=json_default)
+
+
+CAM_DTYPES = ("float32", "float16", "uint16")
+
+
+def encode_cams(cams: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """CAMs (B, K, h, w) float32 as stored in `dtype` (CAM_DTYPES): (stored (B, K, h, w), scale (B,)
+    float32), read back as stored * scale (read_cams)."""
+    if dtype != "uint16":
+        return cams.astype(dtype), np.ones(len(cams), dtype=np.float32)
+    top = cams.reshape(len(cams), -1).max(axis=1, initial=0.0)
+    step = np.where(top > 0, top / 65535.0, 1.0).astype(np.float32)
+    stored = np.rint(np.clip(cams / step[:, None, None, None], 0, 65535)).astype(np.uint16)
+    return stored, step
+
+
+def read_cams(handle: h5py.File, index: int) -> np.ndarray:
+    """The CAMs (K, h, w) float32 of image `index` of a pseudo-label file, whatever their stored dtype."""
+    cam = handle["cam"][index].astype(np.float32)
+    if "cam_scale" in handle:
+        cam *= handle["cam_scale"][index]
+    return cam
 
 
 def read_h5_attrs(handle: h5py.File) -> dict:
@@ -414,4 +566,4 @@ class CamReader:
     def __call__(self, position: int) -> np.ndarray:
         if self._handle is None:
             self._handle = h5py.File(self.path, "r")
-        return self._handle["cam"][int(self.indices[position])].astype(np.float32)
+        return read_cams(self._handle, int(self.indices[position]))

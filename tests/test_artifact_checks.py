@@ -49,7 +49,8 @@ def manifest(tmp_path_factory) -> Manifest:
 
 def _extract(config: Config, manifest: Manifest, backbone) -> Path:
     return extract_features(manifest, backbone, config.features, config.path("features"),
-                            crop_split=config.data.train_split, batch_size=2, device=torch.device("cpu"),
+                            crop_split=config.data.train_split, eval_split=config.data.eval_split,
+                            batch_size=2, device=torch.device("cpu"),
                             show_progress=False)
 
 
@@ -75,41 +76,46 @@ def store(config, intact_store) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- feature store chunks
-def test_every_chunk_is_stored_even_when_it_equals_the_fill_value(config, manifest, vit_tiny, monkeypatch):
-    # Every window classed 'none': the crop embeddings and kinds are all zeros, their fill value,
-    # which zarr by default does not store at all.
+# ----------------------------------------------------------------------------- feature store shards
+# Shards of 2 images: images 0, 1 | 2, 3. 'patch' holds image 3 (val) only: shard 1; the crop
+# arrays images 0..2 (train): shards 0 and 1, of 2 x 9 crop rows each.
+def test_rows_of_zeros_are_stored_and_rows_of_images_without_them_are_not(config, manifest, vit_tiny, monkeypatch):
+    # Every window classed 'none': the crop embeddings and kinds of the train images are zeros
+    # (stored: NaN and 255 are the fill values); the val image has no crop rows at all.
     monkeypatch.setattr(features_module, "classify_windows",
                         lambda fg, boxes, *args: (np.zeros(len(boxes), dtype=np.uint8), np.zeros(len(boxes))))
     config.features.pools = ["thing", "stuff"]
     path = _extract(config, manifest, vit_tiny)
-    root = open_features(path)
-    assert not read_rows(root, "crops/kind").any() and not read_rows(root, "crops/embedding").any()
+    root = open_features(path, verify=True)
+    train_rows = slice(0, 3 * WINDOWS)
+    assert not read_rows(root, "crops/kind", train_rows).any()
+    assert not read_rows(root, "crops/embedding", train_rows).any()
+    with pytest.raises(InputError, match=rf"array 'crops/kind' does not hold row {3 * WINDOWS} \(image 3\): "
+                                         r"crops are stored for the crop split"):
+        read_rows(root, "crops/kind", slice(0, 4 * WINDOWS))
     for name in FEATURE_ARRAYS:
-        chunk_files = [p for p in (path / name).iterdir() if p.name != "zarr.json"]
-        assert len(chunk_files) == root[name].nchunks, name
-    open_features(path, verify=True)
+        stored = sorted(p.name for p in (path / name).iterdir() if p.name != "zarr.json")
+        expected = {"patch": ["c.1.0.0.0"]}.get(name, [f"c.{s}{'.0' * (root[name].ndim - 1)}" for s in (0, 1)])
+        assert stored == expected, name
 
 
-def test_deleted_chunks_are_named_when_a_stage_opens_the_store(config, store):
-    for image in range(4):
-        (store / "patch" / f"c.{image}.0.0.0").unlink()
-    (store / "crops" / "kind" / "c.1").unlink()
+def test_deleted_shards_are_named_when_a_stage_opens_the_store(config, store):
+    (store / "patch" / "c.1.0.0.0").unlink()
+    (store / "crops" / "kind" / "c.0").unlink()
     with pytest.raises(InputError) as info:
         concepts_stage(config)
     message = str(info.value)
     assert message.startswith(f"{store}: damaged feature store")
-    assert "array 'patch' lacks 4 of its 4 chunk files: c.0.0.0.0 (row 0), c.1.0.0.0 (row 1), " \
-           "c.2.0.0.0 (row 2), ... (4 in all)" in message
-    assert f"array 'crops/kind' lacks 1 of its 3 chunk files: c.1 (rows {WINDOWS}..{2 * WINDOWS - 1})" in message
-    assert "'embedding'" not in message and "'crops/box'" not in message        # only the damaged arrays
+    assert "array 'patch' lacks 1 of its 1 shard files: c.1.0.0.0 (rows 2..3)" in message
+    assert f"array 'crops/kind' lacks 1 of its 2 shard files: c.0 (rows 0..{2 * WINDOWS - 1})" in message
+    assert "'embedding'" not in message and "'patch_sample'" not in message        # only the damaged arrays
     assert f"dvc checkout --force {store}, or rerun the features stage: dvc repro -f -s features" in message
     assert not config.path("concepts").exists()
 
 
 def test_missing_array_is_named(config, store):
-    shutil.rmtree(store / "crops" / "box")
-    with pytest.raises(InputError, match=r"array 'crops/box' is missing"):
+    shutil.rmtree(store / "patch_sample")
+    with pytest.raises(InputError, match=r"array 'patch_sample' is missing"):
         open_features_of(config)
 
 
@@ -118,32 +124,35 @@ def _no_zarr_traceback(error: BaseException) -> None:
     assert "site-packages" not in "".join(traceback.format_exception(error))
 
 
-def test_corrupt_chunk_read_by_the_concepts_stage_is_named(config, store):
-    (store / "crops" / "embedding" / "c.1.0").write_bytes(b"not a zstd frame")
+def test_corrupt_shard_read_by_the_concepts_stage_is_named(config, store):
+    (store / "crops" / "embedding" / "c.1.0").write_bytes(b"not a shard")
     with pytest.raises(InputError) as info:
         concepts_stage(config)
     message = str(info.value)
-    assert message.startswith(f"{store}: array 'crops/embedding': chunk c.1.0 (rows {WINDOWS}..{2 * WINDOWS - 1}) "
+    assert message.startswith(f"{store}: array 'crops/embedding': shard c.1.0 (rows {2 * WINDOWS}..{4 * WINDOWS - 1}) "
                               f"cannot be decoded")
     assert "dvc repro -f -s features" in message
     _no_zarr_traceback(info.value)
     assert not config.path("concepts").exists()
 
 
-def test_read_rows_names_the_damaged_chunk_and_reads_the_others(config, store, intact_store):
-    (store / "patch" / "c.2.0.0.0").write_bytes(b"\x00" * 7)
-    flipped = store / "saliency" / "c.1.0.0"        # one flipped bit: caught by the zstd checksum
+def test_read_rows_names_the_damaged_shard_and_reads_the_others(config, store, intact_store):
+    (store / "patch" / "c.1.0.0.0").write_bytes(b"\x00" * 7)
+    flipped = store / "saliency" / "c.0.0.0"        # one flipped bit of image 0: caught by its chunk's CRC32C
     data = bytearray(flipped.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[4] ^= 0x01
     flipped.write_bytes(bytes(data))
     root, intact = open_features_of(config), open_features(intact_store)
-    with pytest.raises(InputError, match=rf"^{store}: array 'patch': chunk c\.2\.0\.0\.0 \(row 2\) cannot") as info:
-        read_rows(root, "patch", 2)
+    with pytest.raises(InputError, match=rf"^{store}: array 'patch': shard c\.1\.0\.0\.0 \(rows 2\.\.3\) cannot") as info:
+        read_rows(root, "patch", 3)
     _no_zarr_traceback(info.value)
-    with pytest.raises(InputError, match=r"array 'saliency': chunk c\.1\.0\.0 \(row 1\) cannot be decoded"):
-        read_rows(root, "saliency", np.array([3, 1]))
-    np.testing.assert_array_equal(read_rows(root, "patch", 3), intact["patch"][3])
-    np.testing.assert_array_equal(read_rows(root, "saliency", np.array([3, 0])), intact["saliency"][[3, 0]])
+    with pytest.raises(InputError, match=r"array 'saliency': shard c\.0\.0\.0 \(rows 0\.\.1\) cannot be decoded"):
+        read_rows(root, "saliency", np.array([3, 0]))
+    np.testing.assert_array_equal(read_rows(root, "saliency", np.array([3, 1])), intact["saliency"][[3, 1]])
+    np.testing.assert_array_equal(read_rows(root, "embedding", 3), intact["embedding"][3])
+    with pytest.raises(InputError, match=r"array 'patch' does not hold row 2 \(image 2\): patch features are "
+                                         r"stored for the evaluation split only"):
+        read_rows(intact, "patch", 2)
     with pytest.raises(IndexError):                 # a bad selection stays the caller's error
         read_rows(root, "patch", 9)
 

@@ -47,9 +47,10 @@ def test_bottom_up_recovers_two_feature_clusters(tmp_path):
     truth[:, :, 3:] = 1
     patch[truth == 0], patch[truth == 1] = a, b
     patch += rng.normal(scale=0.01, size=patch.shape).astype(np.float32)
-    root = create_feature_store(tmp_path / "f.zarr", n_images=4, grid=(4, 6), dim=8, n_crop_images=0,
-                                windows_per_image=1, attrs={})
+    root = create_feature_store(tmp_path / "f.zarr", n_images=4, grid=(4, 6), dim=8, windows_per_image=1,
+                                samples_per_image=24, attrs={})
     root["patch"][:] = patch.astype(np.float16)
+    root["patch_sample"][:] = patch.reshape(4 * 24, 8).astype(np.float16)    # every patch vector
     model = BottomUp(root, np.arange(3), k=2, seed=0)
     pred = model.scores(root["patch"][3]).argmax(0).numpy()
     assert len(np.unique(pred[:, :3])) == 1 and len(np.unique(pred[:, 3:])) == 1

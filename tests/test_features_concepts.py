@@ -44,10 +44,10 @@ def _store_with_blobs(tmp_path, n_per_blob=200, dim=8, seed=0):
     emb = np.concatenate([c + rng.normal(size=(n_per_blob, dim)) for c in [*thing_centres, *stuff_centres]])
     kind = np.repeat([1, 1, 1, 2, 2], n_per_blob).astype(np.uint8)
     rows = len(emb) + 10                               # 10 rows of "none" crops at the end
-    root = create_feature_store(tmp_path / "f.zarr", n_images=1, grid=(1, 1), dim=dim, n_crop_images=rows // 10,
+    root = create_feature_store(tmp_path / "f.zarr", n_images=rows // 10, grid=(1, 1), dim=dim,
                                 windows_per_image=10, attrs={})
-    root["crops/embedding"][: len(emb)] = emb.astype(np.float32)
-    root["crops/kind"][: len(emb)] = kind
+    root["crops/embedding"][:] = np.concatenate([emb, np.zeros((rows - len(emb), dim))]).astype(np.float16)
+    root["crops/kind"][:] = np.concatenate([kind, np.zeros(rows - len(emb), np.uint8)])
     truth = np.repeat(np.arange(5), n_per_blob)
     return root, truth
 

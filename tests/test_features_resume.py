@@ -12,7 +12,7 @@ from pipeline.config import FeaturesConfig, PseudoLabelsConfig
 from pipeline.data import build_manifest, generate_synthetic
 from pipeline.features import extract_features
 from pipeline.pseudolabels import write_pseudolabels
-from pipeline.store import partial_path
+from pipeline.store import FEATURE_ARRAYS, partial_path
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ CFG = FeaturesConfig(image_size=[64, 64], concept_scale=1.0, crop_fractions=[0.5
 
 
 def _run(manifest, backbone, out):
-    return extract_features(manifest, backbone, CFG, out, crop_split="train", batch_size=2,
-                            device=torch.device("cpu"), show_progress=False)
+    return extract_features(manifest, backbone, CFG, out, crop_split="train", eval_split="val",
+                            batch_size=2, device=torch.device("cpu"), show_progress=False)
 
 
 def test_features_interrupted_then_resumed_equal_one_run(manifest, vit_tiny, tmp_path, monkeypatch):
@@ -60,7 +60,7 @@ def test_features_interrupted_then_resumed_equal_one_run(manifest, vit_tiny, tmp
     assert resumed_shards == [4, 6]                               # shards 0 and 2 were kept
     assert out.exists() and not partial_path(out).exists()
     resumed = zarr.open_group(str(out), mode="r")
-    for name in ("patch", "embedding", "saliency", "crops/embedding", "crops/kind", "crops/box", "crops/image"):
+    for name in FEATURE_ARRAYS:
         np.testing.assert_array_equal(resumed[name][:], reference[name][:], err_msg=name)
 
 

@@ -29,30 +29,32 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _fill_features(cache: Path, manifest, backbone) -> None:
     from pipeline.data import load_image, resize_image
     from pipeline.features import sliding_windows
-    from pipeline.store import create_feature_store
+    from pipeline.store import create_feature_store, image_members
 
     train = [i for i, r in enumerate(manifest.records) if r.split == "train"]
     grid = (SIZE[0] // backbone.patch_size, SIZE[1] // backbone.patch_size)
     boxes = sliding_windows(*SIZE, [0.5, 0.75], 0.5)[:WINDOWS]
     attrs = {"backbone": backbone.name, "weights_id": backbone.weights_id, "weights_source": "",
              "image_size": list(SIZE), "grid": list(grid), "concept_size": list(SIZE),
-             "windows_per_image": WINDOWS, "crop_split": "train"}
+             "windows": boxes.tolist(), "crop_split": "train", "eval_split": "val"}
+    members = image_members([r.split for r in manifest.records], "val", "train")
     root = create_feature_store(cache / "features.zarr", n_images=len(manifest.records), grid=grid,
-                                dim=backbone.embed_dim, n_crop_images=len(train), windows_per_image=WINDOWS,
-                                attrs=attrs)
+                                dim=backbone.embed_dim, windows_per_image=WINDOWS, members=members, attrs=attrs)
     images = torch.from_numpy(np.stack([resize_image(load_image(manifest.resolve(r.image)), SIZE)
                                         for r in manifest.records])).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         out = backbone(images)
-    root["patch"][:] = out.patch.numpy().astype(np.float16)
+    patch = out.patch.numpy().astype(np.float16)
+    for i in members["eval"]:
+        root["patch"][i] = patch[i]
     root["embedding"][:] = out.embedding.numpy()
     root["saliency"][:] = out.saliency.numpy().astype(np.float16)
     rng = np.random.default_rng(0)
-    rows = len(train) * WINDOWS
-    root["crops/embedding"][:] = rng.normal(size=(rows, backbone.embed_dim)).astype(np.float32)
-    root["crops/box"][:] = np.tile(boxes, (len(train), 1))
-    root["crops/image"][:] = np.repeat(train, WINDOWS).astype(np.int32)
-    root["crops/kind"][:] = np.tile([1, 2, 1, 2, 0], len(train)).astype(np.uint8)
+    for i in train:
+        root["patch_sample"][i] = patch[i, 0, 0]
+        rows = slice(i * WINDOWS, (i + 1) * WINDOWS)
+        root["crops/embedding"][rows] = rng.normal(size=(WINDOWS, backbone.embed_dim)).astype(np.float16)
+        root["crops/kind"][rows] = np.array([1, 2, 1, 2, 0], dtype=np.uint8)
 
 
 def _fill_concepts(cache: Path) -> None:

@@ -33,11 +33,11 @@ def _store(tmp_path, groups, *, dim=8, spread=10.0, rows_per_chunk=100, seed=0, 
     emb = np.concatenate(emb).astype(np.float16).astype(np.float32)
     kind, blob = np.concatenate(kind), np.concatenate(blob)
     total = -(-len(emb) // rows_per_chunk) * rows_per_chunk     # padded with "none" crops
-    root = create_feature_store(tmp_path / name, n_images=1, grid=(1, 1), dim=dim,
-                                n_crop_images=total // rows_per_chunk, windows_per_image=rows_per_chunk, attrs={})
-    root["crops/embedding"][: len(emb)] = emb
-    root["crops/kind"][: len(emb)] = kind
+    root = create_feature_store(tmp_path / name, n_images=total // rows_per_chunk, grid=(1, 1), dim=dim,
+                                windows_per_image=rows_per_chunk, attrs={})
     padding = total - len(emb)
+    root["crops/embedding"][:] = np.concatenate([emb, np.zeros((padding, dim))]).astype(np.float16)
+    root["crops/kind"][:] = np.concatenate([kind, np.zeros(padding, np.uint8)])
     return root, np.concatenate([emb, np.zeros((padding, dim), np.float32)]), np.concatenate([blob, -np.ones(padding, int)])
 
 
@@ -200,5 +200,5 @@ def test_a_damaged_chunk_is_named_while_reading_every_crop(tmp_path, budget):
     path = tmp_path / "f.zarr" / "crops" / "embedding" / "c.2.0"
     assert path.exists()
     path.write_bytes(b"not a zstd frame")
-    with pytest.raises(InputError, match=r"array 'crops/embedding': chunk c\.2\.0 \(rows 200\.\.299\) cannot be decoded"):
+    with pytest.raises(InputError, match=r"array 'crops/embedding': shard c\.2\.0 \(rows 200\.\.299\) cannot be decoded"):
         discover_concepts(store, ConceptsConfig(k={"all": 2}, iterations=2), read_chunk=128, memory_budget=budget)

@@ -67,13 +67,18 @@ def test_every_artifact_is_there_and_well_formed(repo_copy):
     features = zarr.open_group(str(cache / "features.zarr"), mode="r")
     assert features["patch"].shape[:3] == (n, 8, 8) and features["patch"].dtype == np.float16
     assert features["embedding"].shape[0] == n and features["saliency"].shape == (n, 8, 8)
-    kinds = features["crops/kind"][:]
-    assert set(np.unique(kinds)) <= {0, 1, 2} and (kinds > 0).sum() > 0
+    train = np.array([r["split"] == "train" for r in manifest["records"]])
+    windows = features.attrs["windows_per_image"]
+    kinds = features["crops/kind"][:].reshape(n, windows)
+    assert set(np.unique(kinds[train])) <= {0, 1, 2} and (kinds[train] > 0).sum() > 0
+    assert (kinds[~train] == 255).all()                       # crops of the crop split only
+    patch_held = ~np.isnan(features["patch"][:, 0, 0, 0])
+    np.testing.assert_array_equal(patch_held, ~train)          # patch features of the evaluation split only
     assert features.attrs["backbone"] == "efficientnet_lite0"
     assert not list(cache.glob("*.partial"))
 
     concepts = json.loads((cache / "concepts" / "concepts.json").read_text())
-    assert concepts["k"] == 6 and sum(concepts["sizes"]) == int((kinds > 0).sum())
+    assert concepts["k"] == 6 and sum(concepts["sizes"]) == int(((kinds > 0) & (kinds < 255)).sum())
 
     with h5py.File(cache / "pseudolabels.h5", "r") as handle:
         assert handle["cam"].shape == (n, 6, 8, 8) and handle["cam"].dtype == np.float16
