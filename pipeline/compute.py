@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # distributed is imported only when a dask scheduler is asked
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
+    from pipeline.data import Manifest
+
 S = TypeVar("S")
 R = TypeVar("R")
 
@@ -74,6 +76,17 @@ def worker_cached(key: Hashable, factory: Callable[[], R]) -> R:
         if key not in _CACHE:
             _CACHE[key] = factory()
         return _CACHE[key]
+
+
+def cached_manifest(path: str, project_dir: str | None) -> "Manifest":
+    """The manifest at `path`, loaded once per worker process, and again when the file changes (the
+    workers of an existing cluster outlive a run); `project_dir` resolves its relative data root."""
+    from pathlib import Path
+
+    from pipeline.data import Manifest
+
+    return worker_cached(("manifest", path, project_dir, Path(path).stat().st_mtime_ns),
+                         lambda: Manifest.load(path, project_dir=project_dir))
 
 
 def clear_worker_cache(key: Hashable | None = None) -> None:

@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,11 +29,12 @@ import zarr
 from torchvision.ops import roi_align
 
 from pipeline.backbones import Backbone, backbone_from_config
-from pipeline.config import Config, FeaturesConfig
-from pipeline.errors import InputError
+from pipeline.compute import cached_manifest, run_shards, shard_progress, worker_cached
+from pipeline.config import BackboneConfig, ComputeConfig, Config, FeaturesConfig
+from pipeline.errors import InputError, ProvenanceError
 from pipeline.data import Manifest, images_to_tensor, resize_image
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
-from pipeline.runtime import autocast, log, prefetched, progress, resolve_device
+from pipeline.runtime import autocast, log, prefetched, resolve_device
 from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, feature_arrays,
                             image_members, samples_per_image, shards)
 
@@ -184,7 +186,8 @@ def bottom_up_sample(patch: np.ndarray, image: int, count: int) -> np.ndarray:
 
 def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: int, *,
                         backbone: Backbone, cfg: FeaturesConfig, layout: FeatureLayout,
-                        crop_split: str, eval_split: str, batch_size: int, device: torch.device, bar=None) -> None:
+                        crop_split: str, eval_split: str, batch_size: int, device: torch.device,
+                        on_batch: Callable[[int], None] | None = None) -> None:
     """Compute images [start, stop) (one shard of the store) and write each array's shard once.
 
     The shard is assembled in memory (at most shard x (h, w, D) float16 of patch features, when
@@ -255,8 +258,8 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
                 offset += int(keep.sum())
                 blocks["crops/embedding"][rows] = block
                 blocks["crops/kind"][rows] = kinds[local_index]
-        if bar is not None:
-            bar.update(b1 - b0)
+        if on_batch is not None:
+            on_batch(b1 - b0)
     for name, block in blocks.items():
         per = arrays[name].rows_per_image
         root[name][start * per:stop * per] = block
@@ -293,18 +296,66 @@ def new_feature_store(path: str | Path, manifest: Manifest, cfg: FeaturesConfig,
         attrs=attrs)
 
 
+@dataclass
+class FeatureShards:
+    """`work(shard)` of run_shards: write_feature_shard for one shard of the partial store.
+
+    Pickled to dask workers small: paths and config sections. The manifest and the backbone are
+    built on the worker once (worker_cached); in this process the objects the stage already
+    holds are used as they are (they are not pickled).
+    """
+
+    store: str
+    manifest_path: str | None
+    project_dir: str | None
+    backbone_config: BackboneConfig | None
+    weights_id: str
+    cfg: FeaturesConfig
+    crop_split: str
+    eval_split: str
+    batch_size: int
+    device: str
+    manifest: Manifest | None = None
+    backbone: Backbone | None = None
+
+    def __getstate__(self) -> dict:
+        if self.manifest_path is None or self.backbone_config is None:
+            raise ValueError("features on dask workers need the manifest's path and the backbone's config")
+        return {**self.__dict__, "manifest": None, "backbone": None}
+
+    def __call__(self, shard: tuple[int, int]) -> None:
+        device = resolve_device(self.device)
+        manifest = self.manifest or cached_manifest(self.manifest_path, self.project_dir)
+        backbone = self.backbone or worker_cached(
+            ("backbone", self.backbone_config.name, self.weights_id, str(device)),
+            lambda: backbone_from_config(self.backbone_config).to(device).eval())
+        if backbone.weights_id != self.weights_id:
+            raise ProvenanceError(f"{self.backbone_config.weights or self.backbone_config.name}: this worker loads "
+                                  f"weights {backbone.weights_id}, the run started with {self.weights_id}")
+        root = zarr.open_group(self.store, mode="r+")
+        write_feature_shard(root, manifest, *shard, backbone=backbone, cfg=self.cfg,
+                            layout=FeatureLayout.from_config(self.cfg, backbone), crop_split=self.crop_split,
+                            eval_split=self.eval_split, batch_size=self.batch_size, device=device,
+                            on_batch=shard_progress)
+
+
 def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, out: str | Path, *,
                      crop_split: str, eval_split: str | None = None, batch_size: int, device: torch.device,
-                     weights_source: str = "", show_progress: bool = True) -> Path:
+                     weights_source: str = "", show_progress: bool = True, compute: ComputeConfig | None = None,
+                     backbone_config: BackboneConfig | None = None) -> Path:
     """Build `out` (a Zarr v3 store, store.feature_arrays) for every image of the manifest; resumable.
 
-    The store is built at `<out>.partial`; finished shards of `cfg.chunk_images` images are
-    logged, so a rerun after an interruption continues where it stopped (if it was
-    made with the same backbone and params), and `out` appears only when complete.
+    The store is built at `<out>.partial`; each shard of `cfg.chunk_images` images is computed and
+    written by one task (in this process, or on a dask cluster: `compute`) and logged when done,
+    so a rerun after an interruption continues where it stopped (if it was made with the same
+    backbone and params), and `out` appears only when complete.
 
     Args:
         crop_split: the split whose images give crops (and bottom-up samples).
         eval_split: the split whose patch features are stored; None: the crop split.
+        compute: where the shards run (pipeline.compute); None: in this process.
+        backbone_config: how workers build the backbone (needed by a dask scheduler, with
+            `manifest.path`).
     """
     out = Path(out)
     layout = FeatureLayout.from_config(cfg, backbone)
@@ -312,23 +363,20 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
                         eval_split=crop_split if eval_split is None else eval_split, weights_source=weights_source)
     partial = partial_path(out)
     log_dir = ShardLog(partial.with_name(partial.name + ".shards"))
-    if resume_or_restart(partial, lambda p: check_provenance(p, dict(zarr.open_group(str(p), mode="r").attrs), attrs),
-                         "features", log):
-        root = zarr.open_group(str(partial), mode="r+")
-    else:
+    if not resume_or_restart(partial, lambda p: check_provenance(p, dict(zarr.open_group(str(p), mode="r").attrs),
+                                                                 attrs), "features", log):
         log_dir.clear()
-        root = new_feature_store(partial, manifest, cfg, layout, attrs)
+        new_feature_store(partial, manifest, cfg, layout, attrs)
     backbone.to(device).eval()
     todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
     skipped = len(manifest.records) - sum(b - a for a, b in todo)
+    work = FeatureShards(str(partial), str(manifest.path.resolve()) if manifest.path else None,
+                         str(manifest.project_dir or Path.cwd()), backbone_config,
+                         backbone.weights_id, cfg, attrs["crop_split"], attrs["eval_split"], batch_size,
+                         str(device), manifest=manifest, backbone=backbone)
     tic = time.perf_counter()
-    with progress(total=len(manifest.records), desc="features", enabled=show_progress) as bar:
-        bar.update(skipped)
-        for a, b in todo:
-            write_feature_shard(root, manifest, a, b, backbone=backbone, cfg=cfg, layout=layout,
-                                crop_split=attrs["crop_split"], eval_split=attrs["eval_split"],
-                                batch_size=batch_size, device=device, bar=bar)
-            log_dir.mark(a, b)
+    run_shards(todo, work, compute=compute, on_result=lambda shard, _: log_dir.mark(*shard), desc="features",
+               total=len(manifest.records), done=skipped, show_progress=show_progress)
     seconds = time.perf_counter() - tic
     done = len(manifest.records) - skipped
     n_crop_images = sum(r.split == crop_split for r in manifest.records)
@@ -342,7 +390,8 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
 
 def features_stage(config: Config) -> None:
     """Stage `features`: every manifest image through the frozen backbone into the Zarr store."""
+    device = resolve_device(config.backbone.device)
     extract_features(Manifest.load(config.path("manifest")), backbone_from_config(config.backbone), config.features,
                      config.path("features"), crop_split=config.data.train_split, eval_split=config.data.eval_split,
-                     batch_size=config.backbone.batch_size, device=resolve_device(config.backbone.device),
-                     weights_source=config.backbone.weights)
+                     batch_size=config.backbone.batch_size, device=device, weights_source=config.backbone.weights,
+                     compute=config.compute, backbone_config=config.backbone)

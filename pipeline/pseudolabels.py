@@ -9,7 +9,7 @@ batch, so an interrupted run resumes; it is renamed to `out` when complete.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -19,10 +19,12 @@ import torch
 from pipeline.backbones import Backbone, backbone_from_config
 from pipeline.cam import add_background_channel, cams_to_labels, compute_cams
 from pipeline.concepts import Concepts
-from pipeline.config import Config, PseudoLabelsConfig
+from pipeline.compute import cached_manifest, run_shards, shard_progress, worker_cached
+from pipeline.config import BackboneConfig, ComputeConfig, Config, PseudoLabelsConfig
+from pipeline.errors import ProvenanceError
 from pipeline.data import Manifest
 from pipeline.files import commit, partial_path, resume_or_restart
-from pipeline.runtime import log, prefetched, progress, resolve_device
+from pipeline.runtime import log, prefetched, resolve_device
 from pipeline.store import (check_provenance, create_pseudolabel_file, encode_cams, pseudolabel_provenance,
                             read_h5_attrs)
 
@@ -36,13 +38,68 @@ def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tens
     return cams
 
 
+@dataclass
+class CamShards:
+    """`work(rows)` of run_shards: the CAMs of a shard of manifest rows, as stored (encode_cams),
+    with their hard labels. The client writes them (HDF5 has one writer).
+
+    Pickled to dask workers small: paths, config sections, the centroids (K, D); the manifest and
+    the backbone are built on the worker once (worker_cached). In this process the stage's own
+    objects are used (not pickled).
+    """
+
+    manifest_path: str | None
+    project_dir: str | None
+    backbone_config: BackboneConfig | None
+    weights_id: str
+    centroids: np.ndarray
+    cfg: PseudoLabelsConfig
+    image_size: tuple[int, int]
+    device: str
+    manifest: Manifest | None = None
+    backbone: Backbone | None = None
+
+    def __getstate__(self) -> dict:
+        if self.manifest_path is None or self.backbone_config is None:
+            raise ValueError("pseudolabels on dask workers need the manifest's path and the backbone's config")
+        return {**self.__dict__, "manifest": None, "backbone": None}
+
+    def __call__(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        device = resolve_device(self.device)
+        manifest = self.manifest or cached_manifest(self.manifest_path, self.project_dir)
+        backbone = self.backbone or worker_cached(
+            ("backbone", self.backbone_config.name, self.weights_id, str(device)),
+            lambda: backbone_from_config(self.backbone_config).to(device).eval())
+        if backbone.weights_id != self.weights_id:
+            raise ProvenanceError(f"{self.backbone_config.weights or self.backbone_config.name}: this worker loads "
+                                  f"weights {backbone.weights_id}, the run started with {self.weights_id}")
+        centroids = torch.from_numpy(self.centroids).float().to(device)
+        batches = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
+        stored, scales, labels = [], [], []
+        # the next batches are decoded while this one runs through the backbone
+        for batch, loaded in zip(batches, prefetched(batches, lambda b: manifest.batch(b, self.image_size))):
+            cams = concept_maps(backbone, loaded.to(device), centroids, self.cfg)
+            values, scale = encode_cams(cams.float().cpu().numpy(), self.cfg.cam_dtype)
+            stored.append(values)
+            scales.append(scale)
+            labels.append(cams_to_labels(cams).cpu().numpy())
+            shard_progress(len(batch))
+        return np.concatenate(stored), np.concatenate(scales), np.concatenate(labels)
+
+
+BATCHES_PER_SHARD = 8       # a shard of pseudolabels: a task's work, and how often the file is flushed
+
+
 def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concepts, cfg: PseudoLabelsConfig,
                        out: str | Path, *, image_size: tuple[int, int], device: torch.device,
-                       provenance: dict, show_progress: bool = True) -> Path:
-    """Build `out` (HDF5: cam, label, image_id) for every manifest image; resumable.
+                       provenance: dict, show_progress: bool = True, compute: ComputeConfig | None = None,
+                       backbone_config: BackboneConfig | None = None) -> Path:
+    """Build `out` (HDF5: cam, cam_scale, label, image_id) for every manifest image; resumable.
 
     Its attributes are `provenance` (e.g. dataset), the params and store.pseudolabel_provenance,
-    which the readers check (store.open_pseudolabels_of).
+    which the readers check (store.open_pseudolabels_of). Shards of BATCHES_PER_SHARD batches run
+    in this process or on a dask cluster (`compute`, with `backbone_config` to build the backbone
+    there); this process writes each as it arrives and marks its images done.
     """
     out = Path(out)
     ids = [r.id for r in manifest.records]
@@ -62,27 +119,26 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
                                 cam_dtype=cfg.cam_dtype)
 
     backbone.to(device).eval()
-    centroids = torch.from_numpy(concepts.centroids).float().to(device)
-    tic, computed = time.perf_counter(), 0
+    work = CamShards(str(manifest.path.resolve()) if manifest.path else None, str(manifest.project_dir or Path.cwd()),
+                     backbone_config, backbone.weights_id, np.asarray(concepts.centroids, dtype=np.float32), cfg,
+                     tuple(int(v) for v in image_size), str(device), manifest=manifest, backbone=backbone)
+    tic = time.perf_counter()
     with h5py.File(partial, "r+") as handle:
-        done = handle["done"][:]
-        todo = np.flatnonzero(~done)
-        with progress(total=len(ids), desc="pseudolabels", enabled=show_progress) as bar:
-            bar.update(len(ids) - len(todo))
-            batches = [todo[start:start + cfg.batch_size].tolist() for start in range(0, len(todo), cfg.batch_size)]
-            # the next batches are decoded while this one runs through the backbone
-            for batch, loaded in zip(batches, prefetched(batches, lambda b: manifest.batch(b, image_size))):
-                images = loaded.to(device)
-                cams = concept_maps(backbone, images, centroids, cfg)
-                labels = cams_to_labels(cams)
-                # h5py fancy indexing wants increasing indices; `todo` is sorted.
-                handle["cam"][batch], handle["cam_scale"][batch] = encode_cams(cams.float().cpu().numpy(),
-                                                                                cfg.cam_dtype)
-                handle["label"][batch] = labels.cpu().numpy().astype(handle["label"].dtype)
-                handle["done"][batch] = True
-                handle.flush()
-                computed += len(batch)
-                bar.update(len(batch))
+        todo = np.flatnonzero(~handle["done"][:])
+        per_shard = cfg.batch_size * BATCHES_PER_SHARD
+        todo_shards = [todo[i:i + per_shard].tolist() for i in range(0, len(todo), per_shard)]
+
+        def write(rows: list[int], result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+            cams, scales, labels = result
+            # h5py fancy indexing wants increasing indices; `todo` is sorted.
+            handle["cam"][rows], handle["cam_scale"][rows] = cams, scales
+            handle["label"][rows] = labels.astype(handle["label"].dtype)
+            handle["done"][rows] = True
+            handle.flush()
+
+        run_shards(todo_shards, work, compute=compute, on_result=write, desc="pseudolabels",
+                   total=len(ids), done=len(ids) - len(todo), show_progress=show_progress)
+    computed = len(todo)
     seconds = time.perf_counter() - tic
     log(f"pseudolabels: {computed} images x {k} concepts in {seconds:.1f} s "
         f"({computed / max(seconds, 1e-9):.2f} img/s"
@@ -101,4 +157,5 @@ def pseudolabels_stage(config: Config) -> None:
     concepts = Concepts.load(config.path("concepts"), expected={k: provenance[k] for k in ("backbone", "weights_id")})
     write_pseudolabels(manifest, backbone, concepts, config.pseudolabels,
                        config.path("pseudolabels"), image_size=config.image_size,
-                       device=resolve_device(config.backbone.device), provenance=provenance)
+                       device=resolve_device(config.backbone.device), provenance=provenance,
+                       compute=config.compute, backbone_config=config.backbone)

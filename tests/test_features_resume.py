@@ -73,6 +73,7 @@ def test_pseudolabels_resume_and_match(manifest, vit_tiny, tmp_path, monkeypatch
     concepts = Concepts(rng.normal(size=(3, vit_tiny.embed_dim)).astype(np.float32), ["all"] * 3,
                         np.ones(3, dtype=int), np.zeros(0, dtype=np.int32))
     cfg = PseudoLabelsConfig(batch_size=2)
+    monkeypatch.setattr(pl, "BATCHES_PER_SHARD", 1)      # shards of one batch: 4 shards of 2 images
     kwargs = dict(image_size=(64, 64), device=torch.device("cpu"), provenance={"backbone": vit_tiny.name},
                   show_progress=False)
     once = write_pseudolabels(manifest, vit_tiny, concepts, cfg, tmp_path / "once.h5", **kwargs)
