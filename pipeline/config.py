@@ -256,6 +256,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 4
     device: str = "auto"                # "auto" = backbone.device
+    # Decode the training images once, at the training size, into cache/model/train_images.npy
+    # (uint8, memory-mapped) and read them from there: about 50x cheaper than decoding a JPEG
+    # per sample (benchmarks/bench_loader.py). Costs N x H x W x 3 bytes of disk.
+    image_cache: bool = True
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]

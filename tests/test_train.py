@@ -364,3 +364,97 @@ def test_discrete_crop_scales_as_the_reference():
     assert set(np.round(heights).astype(int)) == {int(64 * s / 10) for s in range(4, 10)}   # 25, 32, ..., 57
     assert torch.equal(boxes, boxes.floor())                                               # whole pixels
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 64).all()
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def test_batched_hue_is_torchvisions_per_sample():
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.train.augment import adjust_hue
+
+    x = torch.rand(5, 3, 12, 10)
+    x[0] = 0.5                                               # grey: no hue, no NaN
+    hue = torch.tensor([0.1, -0.2, 0.5, -0.5, 0.0])
+    expected = torch.stack([TF.adjust_hue(xi, float(h)) for xi, h in zip(x, hue)])
+    torch.testing.assert_close(adjust_hue(x, hue), expected, rtol=0, atol=1e-6)
+
+
+def test_a_rank_augments_its_part_as_one_process_augments_the_whole_batch():
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)     # as the loader delivers them
+    cams = torch.rand(8, 3, 4, 4).half()
+    cfg = TrainConfig(jitter_p=0.5, grayscale_p=0.5, blur_p=0.5)
+    whole, whole_cams = augment_batch(images, cams, cfg, PATCH, torch.Generator().manual_seed(5))
+    for offset in (0, 4):
+        part, part_cams = augment_batch(images[offset:offset + 4], cams[offset:offset + 4], cfg, PATCH,
+                                        torch.Generator().manual_seed(5), total=8, offset=offset)
+        torch.testing.assert_close(part, whole[offset:offset + 4])
+        torch.testing.assert_close(part_cams, whole_cams[offset:offset + 4])
+    # uint8 in, the float numbers of images_to_tensor
+    from pipeline.data.images import images_to_tensor
+    from pipeline.train.augment import to_float_images
+    assert torch.equal(to_float_images(images), images_to_tensor(images.numpy()))
+
+
+def test_loader_workers_never_inherit_the_parents_hdf5_handle(tmp_path, tiny_backbone):
+    """The CamReader opens HDF5 lazily; nothing in the training process may read a CAM before
+    the (forked, persistent) workers start, or they would share its handle."""
+    import h5py
+
+    from pipeline.store import CamReader
+
+    images, cams, _ = colour_block_data(16, seed=8)
+    with h5py.File(tmp_path / "labels.h5", "w") as f:
+        f.create_dataset("cam", data=cams, chunks=(1, *cams.shape[1:]), compression="gzip")
+    reader = CamReader(tmp_path / "labels.h5", list(range(16)))
+    dataset = PseudoLabelDataset(lambda i: images[i], reader, 16)
+    train_segmenter(tiny_backbone(), dataset, 3, fast_config(epochs=2, num_workers=1), tmp_path / "model",
+                    log_fn=lambda s: None)
+    assert reader._handle is None
+
+
+def test_training_reads_its_workers_once_and_replays_with_persistent_workers(tmp_path, tiny_backbone, monkeypatch):
+    """Workers start once per run, not per epoch, and a run with workers trains to the same bits
+    as one without: the loader's seed is drawn from its own generator, not dropout's."""
+    import torch.utils.data.dataloader as dl
+
+    images, cams, _ = colour_block_data(16, seed=9)
+    starts = []
+    original = dl._MultiProcessingDataLoaderIter.__init__
+
+    def counting_init(self, *args, **kwargs):
+        starts.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dl._MultiProcessingDataLoaderIter, "__init__", counting_init)
+    cfg = dict(epochs=3, decoder_dropout=0.1, jitter_p=0.5)
+    train_segmenter(tiny_backbone(), make_dataset(images, cams), 3, fast_config(num_workers=1, **cfg),
+                    tmp_path / "workers", log_fn=lambda s: None)
+    assert len(starts) == 1
+    train_segmenter(tiny_backbone(), make_dataset(images, cams), 3, fast_config(num_workers=0, **cfg),
+                    tmp_path / "inline", log_fn=lambda s: None)
+    a = torch.load(tmp_path / "workers" / "model.pt", weights_only=True)["decoder"]
+    b = torch.load(tmp_path / "inline" / "model.pt", weights_only=True)["decoder"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_cache_holds_the_decoded_images_and_is_rebuilt_only_when_stale(tmp_path):
+    from pipeline.train.data import ImageCache, build_image_cache
+
+    images, _, _ = colour_block_data(6, seed=10)
+    reads, lines = [], []
+
+    def read(i):
+        reads.append(i)
+        return images[i]
+
+    path = tmp_path / "train_images.npy"
+    cache = build_image_cache(path, read, 6, (64, 64), {"images": ["a"]}, workers=2, log=lines.append)
+    assert isinstance(cache, ImageCache) and len(cache) == 6 and len(lines) == 1
+    assert all(np.array_equal(cache(i), images[i]) for i in range(6))
+    build_image_cache(path, read, 6, (64, 64), {"images": ["a"]}, log=lines.append)
+    assert len(reads) == 6 and len(lines) == 1                 # fresh: not decoded again
+    build_image_cache(path, read, 6, (64, 64), {"images": ["b"]}, log=lines.append)
+    assert len(reads) == 12 and len(lines) == 2                # other images: rebuilt
+    assert not list(tmp_path.glob("*.partial"))

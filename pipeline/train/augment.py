@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
-from torchvision.transforms.v2 import functional as TF
+# torchvision's own HSV conversions (the maths of its ColorJitter hue), applied to a whole batch
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from pipeline.config import TrainConfig
 
@@ -98,32 +99,48 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     return y.reshape(n, c, height, width)
 
 
-def photometric_augment(images: Tensor, config: TrainConfig, generator: torch.Generator) -> Tensor:
+def adjust_hue(x: Tensor, hue: Tensor) -> Tensor:
+    """torchvision's ``adjust_hue`` (HSV, hue shifted by ``hue`` turns) with one factor per
+    sample, in one batched pass: a Python loop over samples costs one set of kernel launches per
+    image on a GPU. x (N, 3, H, W) in [0, 1], hue (N,) in [-0.5, 0.5] -> (N, 3, H, W)."""
+    hsv = _rgb_to_hsv(x)
+    hsv[:, 0].add_(hue.to(hsv)[:, None, None]).remainder_(1.0)
+    return _hsv_to_rgb(hsv)
+
+
+def photometric_augment(images: Tensor, config: TrainConfig, generator: torch.Generator,
+                        total: int | None = None, offset: int = 0) -> Tensor:
     """Colour jitter, grayscale and blur, each drawn per sample.
 
     images (B, 3, H, W) in [0, 1] -> same shape. Jitter factors are drawn per sample
     like torchvision's ``ColorJitter`` (brightness/contrast/saturation in
     [1-s, 1+s], hue in [-s, s]); one random order of the four ops per batch. The
     reference draws each "apply?" once per batch; per-sample draws give the same rate.
+    ``total``/``offset``: the draws are made for ``total`` samples (default B) and samples
+    [offset, offset + B) of them used, so a process holding one part of a global batch
+    augments its part exactly as one process holding the whole batch would.
     """
     b = images.shape[0]
+    n = b if total is None else int(total)
+    part = slice(offset, offset + b)
     out = images
-    jit = torch.rand(b, generator=generator) < config.jitter_p
-    gray = torch.rand(b, generator=generator) < config.grayscale_p
-    blur = torch.rand(b, generator=generator) < config.blur_p
+    jit = (torch.rand(n, generator=generator) < config.jitter_p)[part]
+    gray = (torch.rand(n, generator=generator) < config.grayscale_p)[part]
+    blur = (torch.rand(n, generator=generator) < config.blur_p)[part]
     bs, cs, ss, hs = config.jitter_strength
     factors = torch.stack(
         [
-            _uniform(b, max(0.0, 1 - bs), 1 + bs, generator),
-            _uniform(b, max(0.0, 1 - cs), 1 + cs, generator),
-            _uniform(b, max(0.0, 1 - ss), 1 + ss, generator),
-            _uniform(b, -hs, hs, generator),
+            _uniform(n, max(0.0, 1 - bs), 1 + bs, generator),
+            _uniform(n, max(0.0, 1 - cs), 1 + cs, generator),
+            _uniform(n, max(0.0, 1 - ss), 1 + ss, generator),
+            _uniform(n, -hs, hs, generator),
         ],
         dim=1,
-    )
+    )[part]
     order = torch.randperm(4, generator=generator).tolist()
-    sigma = _uniform(b, config.blur_sigma[0], config.blur_sigma[1], generator)
+    sigma = _uniform(n, config.blur_sigma[0], config.blur_sigma[1], generator)[part]
 
+    # The masks live on the CPU (drawn from the CPU generator): any() costs no device sync.
     if jit.any():
         idx = jit.nonzero().squeeze(1)
         x = out[idx.to(out.device)]
@@ -136,15 +153,16 @@ def photometric_augment(images: Tensor, config: TrainConfig, generator: torch.Ge
             elif op == 2:
                 x = _blend(x, _gray(x), f[:, 2])
             else:
-                x = torch.stack([TF.adjust_hue(xi, float(hi)) for xi, hi in zip(x, factors[idx, 3])])
+                x = adjust_hue(x, f[:, 3, 0, 0, 0])
         out = out.clone()
         out[idx.to(out.device)] = x
     if gray.any():
-        mask = gray.to(out.device)[:, None, None, None]
-        out = torch.where(mask, _gray(out).expand_as(out), out)
+        idx = gray.nonzero().squeeze(1).to(out.device)
+        out = out.clone() if out is images else out
+        out[idx] = _gray(out[idx]).expand(-1, 3, -1, -1)
     if blur.any():
         idx = blur.nonzero().squeeze(1)
-        out = out.clone()
+        out = out.clone() if out is images else out
         out[idx.to(out.device)] = _gaussian_blur(out[idx.to(out.device)], sigma[idx], config.blur_kernel)
     return out
 
@@ -155,26 +173,43 @@ def augment_batch(
     config: TrainConfig,
     patch_size: int,
     generator: torch.Generator,
+    total: int | None = None,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Full training augmentation of a batch, on the batch's device.
 
     Args:
-        images: (B, 3, H, W) in [0, 1] at the training size.
-        cams: (B, K, h, w) on the training size's patch grid.
+        images: (B, 3, H, W) float in [0, 1], or uint8 (B, H, W, 3) as the loader delivers
+            them (converted here, on the device: a quarter of the bytes cross from the host).
+        cams: (B, K, h, w) on the training size's patch grid, any float dtype.
         patch_size: backbone output stride; the crop size is rounded to a multiple of it.
         generator: CPU generator all random draws come from (reproducible, resumable).
+        total, offset: this batch is samples [offset, offset + B) of a global batch of
+            ``total`` (default B): one process of a distributed run draws what one process
+            would draw for the whole batch and uses its part.
 
-    Returns: images (B, 3, H', W'), cams (B, K, H'/p, W'/p) with
+    Returns: images (B, 3, H', W') float32, cams (B, K, H'/p, W'/p) float32 with
     H' ~= crop_output_fraction x H.
     """
+    images = to_float_images(images)
     b, _, height, width = images.shape
+    n = b if total is None else int(total)
+    part = slice(offset, offset + b)
     out_h = max(patch_size, int(round(height * config.crop_output_fraction / patch_size)) * patch_size)
     out_w = max(patch_size, int(round(width * config.crop_output_fraction / patch_size)) * patch_size)
-    images = photometric_augment(images, config, generator)
-    boxes = sample_crop_boxes(b, (height, width), config.crop_scale, generator, config.crop_scale_step)
+    images = photometric_augment(images, config, generator, n, offset)
+    boxes = sample_crop_boxes(n, (height, width), config.crop_scale, generator, config.crop_scale_step)[part]
     images, cams = crop_and_resize(images, cams, boxes, (out_h, out_w), (out_h // patch_size, out_w // patch_size))
     if config.hflip:
-        flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)[:, None, None, None]
+        flip = (torch.rand(n, generator=generator) < 0.5)[part].to(images.device)[:, None, None, None]
         images = torch.where(flip, images.flip(-1), images)
         cams = torch.where(flip, cams.flip(-1), cams)
     return images, cams
+
+
+def to_float_images(images: Tensor) -> Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1], the numbers of
+    ``images_to_tensor`` (x / 255); a float (B, 3, H, W) batch is returned as it is."""
+    if images.is_floating_point():
+        return images
+    return images.permute(0, 3, 1, 2).float().div_(255.0)

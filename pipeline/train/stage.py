@@ -2,23 +2,40 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from pipeline.backbones import backbone_from_config
 from pipeline.concepts import Concepts
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.data import Manifest
 from pipeline.errors import InputError
 from pipeline.files import fingerprint, write_json
 from pipeline.runtime import log
 from pipeline.store import CamReader, open_pseudolabels_of, read_h5_attrs
 from pipeline.train.curves import plot_training_curves, read_train_log
-from pipeline.train.data import PseudoLabelDataset
+from pipeline.train.data import ImageCache, PseudoLabelDataset, build_image_cache
+from pipeline.train.distributed import Ranks, barrier, ranks_from_env, setup, teardown
 from pipeline.train.loop import train_segmenter
+
+# `TRANSFGU_TRAIN_PROCS=N transfgu train` (and so `dvc repro` / `dvc exp run` with it set) runs
+# the stage under torchrun with N processes on this node; unset or 1, in this process.
+PROCS_ENV = "TRANSFGU_TRAIN_PROCS"
 
 
 def train_stage(config: Config) -> None:
-    """Stage `train`: the decoder on the frozen backbone, from the cached pseudo labels."""
+    """Stage `train`: the decoder on the frozen backbone, from the cached pseudo labels.
+
+    Under torchrun every process runs this; rank 0 alone writes (checkpoint stamp, image
+    cache, model files, curves) while the others wait for it where they must read what it wrote.
+    """
+    if relaunch_under_torchrun():
+        return
     manifest = Manifest.load(config.path("manifest"))
     backbone = backbone_from_config(config.backbone)
     labels_path = config.path("pseudolabels")
@@ -34,18 +51,84 @@ def train_stage(config: Config) -> None:
     if len(size) != 2 or size[0] % backbone.patch_size or size[1] % backbone.patch_size:
         raise InputError(None, f"train.image_size {list(size)} must be (H, W), multiples of the patch size "
                                f"{backbone.patch_size}")
-    model_dir = config.path("model").parent
-    forget_stale_checkpoint(model_dir, {
-        "pseudolabels": {k: labels_attrs.get(k) for k in ("concepts_hash", "params", "grid", "weights_id")},
-        "images": [manifest.records[i].id for i in indices],
-        "image_size": list(size),
-    })   # a changed train parameter is the loop's to judge: it names the key (checkpoint_mismatch)
-    dataset = PseudoLabelDataset(lambda position: manifest.image(indices[position], size),
-                                 CamReader(labels_path, indices), len(indices))
-    train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir,
-                    background_threshold=config.pseudolabels.background_threshold
-                    if config.pseudolabels.background else None)
-    plot_training_curves(read_train_log(config.path("train_log")), config.path("train_curves"))
+    ranks, _ = setup(train_config.device)
+    try:
+        model_dir = config.path("model").parent
+        if ranks.main:
+            forget_stale_checkpoint(model_dir, {
+                "pseudolabels": {k: labels_attrs.get(k) for k in ("concepts_hash", "params", "grid", "weights_id")},
+                "images": [manifest.records[i].id for i in indices],
+                "image_size": list(size),
+            })   # a changed train parameter is the loop's to judge: it names the key (checkpoint_mismatch)
+        barrier(ranks)   # no rank looks for last.pt before rank 0 has dropped a stale one
+        read_image = training_images(manifest, indices, size, model_dir, train_config, ranks)
+        dataset = PseudoLabelDataset(read_image, CamReader(labels_path, indices), len(indices))
+        train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir,
+                        background_threshold=config.pseudolabels.background_threshold
+                        if config.pseudolabels.background else None)
+        if ranks.main:
+            plot_training_curves(read_train_log(config.path("train_log")), config.path("train_curves"))
+    finally:
+        teardown(ranks)
+
+
+def training_images(manifest: Manifest, indices: list[int], size: tuple[int, int], model_dir: Path,
+                    train_config: TrainConfig, ranks: Ranks) -> Callable[[int], np.ndarray]:
+    """position -> (H, W, 3) uint8 training image ``indices[position]`` at ``size``.
+
+    With ``train.image_cache`` (default) the images are decoded once into
+    ``<model_dir>/train_images.npy`` (rank 0 builds it, the others wait) and read from there;
+    else decoded from the dataset's files for every sample. The cache lies beside the model
+    files but is no DVC output: DVC neither copies it into its cache nor deletes it before a
+    run, so it is reused by every experiment on the same images and size.
+    """
+    def decode(position: int):
+        return manifest.image(indices[position], size)
+
+    if not train_config.image_cache:
+        return decode
+    path = model_dir / "train_images.npy"
+    if ranks.main:
+        files = [manifest.resolve(manifest.records[i].image) for i in indices]
+        stamp = {"images": [_file_stamp(f) for f in files], "size": list(size)}
+        build_image_cache(path, decode, len(indices), size, stamp, workers=max(1, train_config.num_workers),
+                          log=log)
+    barrier(ranks)
+    return ImageCache(path)
+
+
+def _file_stamp(path: Path) -> list:
+    """What says an image file changed: its path, size and modification time."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(path, "file does not exist") from None
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def relaunch_under_torchrun() -> bool:
+    """With ``TRANSFGU_TRAIN_PROCS=N`` (N > 1) set and not already under torchrun: run this same
+    command as N processes through ``torch.distributed.run --standalone`` and wait for them.
+
+    Returns whether it did (the caller then has nothing left to do); a failed process makes
+    this raise, with torchrun's exit status.
+    """
+    procs = os.environ.get(PROCS_ENV, "").strip()
+    if not procs or ranks_from_env().enabled or "WORLD_SIZE" in os.environ:
+        return False
+    if not procs.isdigit() or int(procs) < 1:
+        raise InputError(None, f"{PROCS_ENV}={procs!r}: expected a number of processes (1, 2, ...)")
+    if int(procs) == 1:
+        return False
+    if sys.argv[1:2] != ["train"]:
+        raise InputError(None, f"{PROCS_ENV}={procs} relaunches the command line `transfgu train ...`, but this "
+                               f"process is {sys.argv!r}; start it with torchrun instead (README, Running at scale)")
+    # the same CLI call in every process (the same params file and --set overrides)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+               "-m", "pipeline.cli", *sys.argv[1:]]
+    log(f"train: {PROCS_ENV}={procs}: running under torchrun: {' '.join(command)}")
+    subprocess.run(command, check=True, env={**os.environ, PROCS_ENV: ""})
+    return True
 
 
 def forget_stale_checkpoint(model_dir: Path, inputs: dict) -> None:

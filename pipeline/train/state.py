@@ -24,7 +24,7 @@ from pipeline.model import MaskTransformerDecoder
 CHECKPOINT_FORMAT = "transfgu-train/2"
 MODEL_FORMAT = "transfgu-segmenter/1"
 # Training fields that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "device", "predict_with"})
+RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "device", "predict_with", "image_cache"})
 
 
 def backbone_identity(backbone: nn.Module) -> dict[str, Any]:
