@@ -11,7 +11,7 @@ SETTING ?= demo
 DATA_ROOT ?=
 SET ?=
 
-.PHONY: install demo test test-fast bench-cam bench-features bench-cam-precision reproduce report clean help
+.PHONY: install demo test test-fast bench-cam bench-features bench-cam-precision bench-loader reproduce report clean help
 
 help:
 	@echo "make demo       run the whole pipeline on the synthetic demo (dvc repro)"
@@ -51,6 +51,9 @@ bench-features: $(STAMP)
 
 bench-cam-precision: $(STAMP)
 	$(RUN) python benchmarks/bench_cam_precision.py --images 30
+
+bench-loader: $(STAMP)
+	$(RUN) python benchmarks/bench_loader.py
 
 # One named setting through DVC: writes its params.yaml, then `dvc exp run` (SET holds
 # extra overrides, `dvc exp show` compares the runs).
