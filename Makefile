@@ -20,10 +20,16 @@ help:
 	@echo "make bench-cam  batched vs per-concept CAM timing (prints cam_speedup=...)"
 	@echo "make reproduce SETTING=<name> DATA_ROOT=<path> [SET='key=value ...']"
 
+# faiss build: gpu where an NVIDIA driver answers, else cpu (override: make install FAISS=cpu).
+# The other one is uninstalled first: both own the same faiss/ package.
+FAISS ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip uninstall --quiet -y $(OTHER_FAISS) 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -e '.[$(FAISS),test]'
 	touch $@
 
 install: $(STAMP)

@@ -31,16 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import faiss
 import numpy as np
 import zarr
 
 from pipeline.config import ConceptsConfig, Config
 from pipeline.errors import InputError
 from pipeline.files import atomic_write, commit, fingerprint, partial_path, remove, write_json
-from pipeline.runtime import log
+from pipeline.runtime import import_faiss, log
 from pipeline.store import CROP_KINDS, check_provenance, open_features_of, read_rows
 
+faiss = import_faiss()
 POOL_ORDER = ("thing", "stuff", "all")
 # Largest float32 copy of one pool held in memory (bytes); a larger pool is held as float16.
 MEMORY_BUDGET = 4 * 2**30
@@ -50,6 +50,33 @@ MINIBATCH_SIZE = 1024                   # MiniBatchKMeans' batch_size (sklearn 1
 def faiss_uses_gpu() -> bool:
     """True when this faiss build has GPU support and sees a GPU."""
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+FAISS_PACKAGES = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
+
+
+def faiss_install_problem(cuda: bool | None = None) -> str | None:
+    """Why k-means would silently run on the CPU, or None.
+
+    The faiss wheels all install the same `faiss/` package, so with two of them installed the
+    files of the last one win, usually leaving a CPU build; and a CPU build on a CUDA machine
+    is a slow run nobody asked for.
+    """
+    from importlib import metadata
+
+    installed = sorted({d.metadata["Name"].lower() for d in metadata.distributions()
+                        if (d.metadata["Name"] or "").lower() in FAISS_PACKAGES})
+    if len(installed) > 1:
+        return (f"{' and '.join(installed)} are all installed and overwrite each other's faiss/ package: "
+                f"pip uninstall -y {' '.join(installed)} && pip install -e '.[gpu]' (or '.[cpu]')")
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda and not faiss_uses_gpu():
+        return ("CUDA is available but this faiss build has no GPU support: k-means runs on the CPU; "
+                "for the GPU: pip uninstall -y faiss-cpu && pip install -e '.[gpu]' (make install FAISS=gpu)")
+    return None
 
 
 @dataclass
@@ -462,6 +489,9 @@ def concepts_meta(cfg: ConceptsConfig, store_attrs: dict) -> dict:
 def concepts_stage(config: Config) -> None:
     """Stage `concepts`: k-means over the crop embeddings of the feature store."""
     store = open_features_of(config)
+    problem = faiss_install_problem()
+    if problem:
+        log(f"concepts: warning: {problem}")
     found = discover_concepts(store, config.concepts)
     found.save(config.path("concepts"), concepts_meta(config.concepts, dict(store.attrs)))
     log(f"concepts: {found.k} concepts, sizes {found.sizes.tolist()}")

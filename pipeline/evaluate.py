@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import faiss
 import h5py
 import numpy as np
 import torch
@@ -35,9 +34,12 @@ from pipeline.errors import InputError
 from pipeline.files import atomic_write, write_json
 from pipeline.metrics import SegmentationMetrics
 from pipeline.registry import Registry
-from pipeline.runtime import autocast, log, progress, resolve_device
+from pipeline.runtime import autocast, import_faiss, log, progress, resolve_device
 from pipeline.store import open_features_of, open_pseudolabels_of, read_cams, read_h5_attrs, read_rows
 from pipeline.train.inference import load_segmenter
+
+faiss = import_faiss()
+
 
 # ----------------------------------------------------------------------------- protocols
 @dataclass(frozen=True)

@@ -123,6 +123,17 @@ def prefetched(items: Iterable[T], load: Callable[[T], R], ahead: int = 2) -> It
             yield result
 
 
+def import_faiss():
+    """The faiss module, or an ImportError that says how to install it: it is not a plain
+    dependency but one of two extras, faiss-cpu or faiss-gpu (pyproject.toml), as both own faiss/."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("faiss is not installed: pip install -e '.[cpu]', or '.[gpu]' on a CUDA machine "
+                          "(make install picks one)") from exc
+    return faiss
+
+
 def log(message: str) -> None:
     """One line on stderr, for stage summaries that must appear in logs too."""
     print(message, file=sys.stderr, flush=True)

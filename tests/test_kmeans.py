@@ -202,3 +202,34 @@ def test_a_damaged_chunk_is_named_while_reading_every_crop(tmp_path, budget):
     path.write_bytes(b"not a zstd frame")
     with pytest.raises(InputError, match=r"array 'crops/embedding': shard c\.2\.0 \(rows 200\.\.299\) cannot be decoded"):
         discover_concepts(store, ConceptsConfig(k={"all": 2}, iterations=2), read_chunk=128, memory_budget=budget)
+
+
+def test_two_faiss_builds_installed_together_are_reported(monkeypatch):
+    # faiss-cpu and faiss-gpu both install faiss/: the later overwrites the other, usually into a
+    # CPU build that runs silently; the concepts stage says so, with the fix.
+    from importlib import metadata
+
+    from pipeline.concepts import faiss_install_problem
+
+    class Dist:
+        def __init__(self, name):
+            self.metadata = {"Name": name}
+
+    monkeypatch.setattr(metadata, "distributions", lambda: [Dist("faiss-cpu"), Dist("faiss-gpu-cu12"), Dist("numpy")])
+    problem = faiss_install_problem(cuda=True)
+    assert "faiss-cpu and faiss-gpu-cu12 are all installed" in problem and "pip uninstall -y" in problem
+    monkeypatch.setattr(metadata, "distributions", lambda: [Dist("faiss-cpu")])
+    if not faiss_uses_gpu():
+        assert "CUDA is available but this faiss build has no GPU support" in faiss_install_problem(cuda=True)
+    assert faiss_install_problem(cuda=False) is None
+
+
+def test_the_base_install_has_no_faiss_and_the_extras_are_exclusive():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("faiss")]
+    extras = project["optional-dependencies"]
+    assert [d.split(">")[0] for d in extras["cpu"]] == ["faiss-cpu"]
+    assert [d.split(">")[0] for d in extras["gpu"]] == ["faiss-gpu-cu12"]
