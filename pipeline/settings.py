@@ -8,12 +8,12 @@ source for every number.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import TrainConfig
+from pipeline.config import ComputeConfig, TrainConfig
 from pipeline.files import atomic_write
 from pipeline.registry import Registry
 
@@ -28,21 +28,25 @@ PAPER: dict = {
     "features": {"image_size": [320, 320], "concept_scale": 2.0, "crop_fractions": [0.5, 0.4, 0.3, 0.2],
                  "crop_stride": 0.5, "crop_size": 320, "pools": ["thing", "stuff"],
                  "thing_fraction": 0.5, "stuff_fraction": 0.8, "foreground": "concept_scale", "windows": "reference",
-                 "chunk_images": 256},
+                 "chunk_images": 256, "bottom_up_samples": 200_000},
     # k-means on every crop (utils/kmeans.py sets faiss' max_points_per_centroid to 10,000,000:
     # subsampling off), then each centroid = the mean of its members, as train_kmeans_faiss
     "concepts": {"k": {"thing": 12, "stuff": 15}, "iterations": 100, "restarts": 1, "seed": 0,
                  "max_points_per_centroid": None, "normalize": False, "algorithm": "faiss",
                  "recompute_centroids": True},
     # grad_scale 1/8: the reference generates COCO pseudo labels in batches of 8 and averages the loss
-    # cam_dtype float32: float16 flips the argmax of ViT CAMs (benchmarks/bench_cam_precision.py)
+    # cam_dtype uint16: the size of float16 (COCO's 123k images: 10.9 GB, float32 21 GB), where float16
+    # flips the argmax of 19% of ViT-S/8 CAM pixels at grad_scale 1/8 and uint16 0.7% (12 CamVid
+    # images, random weights: make bench-cam-precision)
     "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32,
-                     "grad_scale": 0.125, "cam_dtype": "float32"},
+                     "grad_scale": 0.125, "cam_dtype": "uint16"},
     # Every training constant, so that any of them can be set with `dvc exp run -S train.<key>=...`.
     # the reference decoder's class-token init and discrete crop scales (segmenter_*.py)
     "train": {**TrainConfig().to_dict(), "num_workers": 8, "decoder_token_init": "reference",
               "crop_scale_step": 0.1},
     "evaluate": {"protocol": "reference", "crf": False, "flip": False, "batch_size": 64, "bottom_up_seed": 0},
+    # Where the per-image shards run: never a DVC param (pipeline/compute.py); in-process by default
+    "compute": asdict(ComputeConfig()),
 }
 
 
