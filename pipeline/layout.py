@@ -40,6 +40,9 @@ ARTIFACTS: dict[str, Artifact] = {
     # Persisted between runs (DVC would delete it before `train` runs) so that an
     # interrupted training resumes; not cached: it is a means, not a result.
     "checkpoint": Artifact("model/last.pt", "resumable training state", {"cache": False, "persist": True}),
+    # No DVC output (neither copied into DVC's cache nor deleted before a run): every experiment
+    # on the same images and size reuses it (pipeline.train.stage.training_images).
+    "train_images": Artifact("model/train_images.npy", "training images decoded at the training size (uint8)"),
     "metrics": Artifact("metrics.json", "evaluation rows", {"cache": False}, metric=True),
     "plots": Artifact("plots", "confusion matrices, Hungarian matching"),
     "matching": Artifact("plots/matching.json", "cluster -> class per evaluation row"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,6 +114,16 @@ def plan_concepts(config: Config, n_crop_rows: int, dim: int) -> ArtifactPlan:
     return ArtifactPlan("concepts", str(config.path("concepts")), n_crop_rows * 4 + k * dim * 4 + 4096, 2)
 
 
+def plan_train_images(config: Config, manifest: Manifest) -> ArtifactPlan | None:
+    """train_images.npy (train.image_cache): the training split decoded at the training size, uint8,
+    with its .json stamp; None when training decodes the image files instead."""
+    if not config.train.image_cache:
+        return None
+    h, w = (int(v) for v in (config.train.image_size or config.image_size))
+    n = sum(r.split == config.data.train_split for r in manifest.records)
+    return ArtifactPlan("train_images", str(config.path("train_images")), n * h * w * 3 + 128 + 256, 2)
+
+
 def plan_manifest(config: Config, manifest: Manifest, scratch: Path) -> ArtifactPlan:
     path = scratch / "manifest.json"
     manifest.save(path)
@@ -179,8 +190,12 @@ def plan(config: Config, *, n_images: int | None = None, n_eval: int | None = No
         artifacts = [plan_manifest(config, manifest, scratch), features,
                      plan_concepts(config, len(manifest.records) * len(layout.windows), layout.dim),
                      plan_pseudolabels(config, manifest, backbone, scratch)]
+        artifacts += [a for a in [plan_train_images(config, manifest)] if a]
     stages = plan_stages(config, manifest, backbone)
+    cache = config.cache_dir.resolve()
+    existing = next(p for p in (cache, *cache.parents) if p.exists())
     return {"setting": config.setting, "images": len(manifest.records),
+            "disk_free_bytes": shutil.disk_usage(existing).free, "disk_folder": str(existing),
             "eval_images": sum(r.split == config.data.eval_split for r in manifest.records),
             "artifacts": [asdict(a) for a in artifacts], "stages": [asdict(s) for s in stages],
             "total_bytes": sum(a.bytes for a in artifacts), "total_files": sum(a.files for a in artifacts)}
@@ -194,6 +209,10 @@ def format_plan(result: dict) -> str:
     for a in result["artifacts"]:
         lines.append(f"{a['name']:<14}{a['bytes'] / gib:>10.2f}{a['files']:>10,}  {a['path']}")
     lines.append(f"{'total':<14}{result['total_bytes'] / gib:>10.2f}{result['total_files']:>10,}")
+    free = result["disk_free_bytes"]
+    verdict = "fits" if result["total_bytes"] < free else "DOES NOT FIT: free space or move the cache"
+    lines.append(f"{'disk free':<14}{free / gib:>10.2f}{'':>10}  {result['disk_folder']} ({verdict}; "
+                 f"DVC links its cache, .dvc/config, so it needs no second copy)")
     lines.append(f"{'stage':<14}{'peak GiB':>10}  dominant terms")
     for s in result["stages"]:
         terms = ", ".join(f"{k} {v / gib:.2f}" for k, v in s["terms"].items())

@@ -61,7 +61,7 @@ def train_stage(config: Config) -> None:
                 "image_size": list(size),
             })   # a changed train parameter is the loop's to judge: it names the key (checkpoint_mismatch)
         barrier(ranks)   # no rank looks for last.pt before rank 0 has dropped a stale one
-        read_image = training_images(manifest, indices, size, model_dir, train_config, ranks)
+        read_image = training_images(manifest, indices, size, config.path("train_images"), train_config, ranks)
         dataset = PseudoLabelDataset(read_image, CamReader(labels_path, indices), len(indices))
         train_segmenter(backbone, dataset, int(labels_attrs["num_concepts"]), train_config, model_dir,
                         background_threshold=config.pseudolabels.background_threshold
@@ -72,12 +72,12 @@ def train_stage(config: Config) -> None:
         teardown(ranks)
 
 
-def training_images(manifest: Manifest, indices: list[int], size: tuple[int, int], model_dir: Path,
+def training_images(manifest: Manifest, indices: list[int], size: tuple[int, int], cache_path: Path,
                     train_config: TrainConfig, ranks: Ranks) -> Callable[[int], np.ndarray]:
     """position -> (H, W, 3) uint8 training image ``indices[position]`` at ``size``.
 
-    With ``train.image_cache`` (default) the images are decoded once into
-    ``<model_dir>/train_images.npy`` (rank 0 builds it, the others wait) and read from there;
+    With ``train.image_cache`` (default) the images are decoded once into ``cache_path``
+    (cache/model/train_images.npy; rank 0 builds it, the others wait) and read from there;
     else decoded from the dataset's files for every sample. The cache lies beside the model
     files but is no DVC output: DVC neither copies it into its cache nor deletes it before a
     run, so it is reused by every experiment on the same images and size.
@@ -87,7 +87,7 @@ def training_images(manifest: Manifest, indices: list[int], size: tuple[int, int
 
     if not train_config.image_cache:
         return decode
-    path = model_dir / "train_images.npy"
+    path = cache_path
     if ranks.main:
         files = [manifest.resolve(manifest.records[i].image) for i in indices]
         stamp = {"images": [_file_stamp(f) for f in files], "size": list(size)}
