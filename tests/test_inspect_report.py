@@ -334,3 +334,25 @@ def test_predictions_before_evaluate_match_on_the_shown_images(cache, partial_ca
         assert (matching["pseudo_labels"] < len(art.manifest.class_names)).all()
         paths = plot_predictions(art, [6, 7], partial_cache / "out", show_progress=False)
     assert [p.read_bytes()[:8] for p in paths] == [PNG_MAGIC] * 2
+
+
+def test_patch_features_are_computed_for_images_the_store_does_not_hold(cache):
+    # The store holds the patch features of the evaluation split only; inspection computes the
+    # others with the backbone, which gives what the features stage would have stored.
+    from pipeline.artifacts import open_artifacts
+    from pipeline.backbones import create_backbone
+    from pipeline.data import images_to_tensor
+    from pipeline.errors import InputError
+    from pipeline.store import read_rows
+
+    art = open_artifacts(cache)
+    train = art.select(random=1, split="train")[0]
+    val = art.select(random=1, split="val")[0]
+    with pytest.raises(InputError, match="patch features are stored for the evaluation split only"):
+        read_rows(art.feature_store, "patch", train)
+    both = art.patch_features([train, val])
+    with torch.no_grad():
+        expected = create_backbone("vit_tiny_random")(images_to_tensor(art.image(train, SIZE))).patch[0]
+    np.testing.assert_allclose(both[0].astype(np.float32), expected.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(both[1], read_rows(art.feature_store, "patch", val))
+    art.close()
