@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from pipeline.backbones import Backbone, create_backbone
-from pipeline.cam import add_background_channel, normalize_cams
+from pipeline.cam import add_background_channel, compute_cams, normalize_cams
 from pipeline.concepts import Concepts, kmeans
 from pipeline.config import PseudoLabelsConfig
 from pipeline.data import Manifest, build_manifest
@@ -139,6 +139,15 @@ def run_path(path: str, manifest: Manifest, indices: list[int], args: argparse.N
         cams = torch.cat([concept_maps(backbone, manifest.batch(indices[s:s + args.batch], size), centroids, cfg)
                           for s in range(0, len(indices), args.batch)])
         measure(f"grad_scale={cfg.grad_scale:g}", cams)
+        # pseudolabels.frozen_bf16: the frozen part under bf16 autocast (CPU autocast here: the
+        # same bf16 rounding of the frozen part's outputs as on CUDA, up to accumulation order)
+        low = torch.cat([compute_cams(backbone, manifest.batch(indices[s:s + args.batch], size), centroids,
+                                      mass=cfg.mass, grad_scale=cfg.grad_scale, frozen_dtype=torch.bfloat16)
+                         for s in range(0, len(indices), args.batch)])
+        flips = (argmax_labels(low) != argmax_labels(cams)).float().mean().item()
+        print(f"  {'':28s} flip_share[bf16 frozen part, float32 stored]={flips:.6f}  "
+              f"flip_share[bf16 frozen part, uint16 stored]="
+              f"{(argmax_labels(stored(low, 'uint16')) != argmax_labels(cams)).float().mean().item():.6f}")
         if path == "vit":
             measure(f"grad_scale={cfg.grad_scale:g} +background",
                     add_background_channel(cams, threshold=cfg.background_threshold))

@@ -24,7 +24,8 @@ attention term; pass ``grad_scale=1/B`` to reproduce that weighting.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
 
 import torch
@@ -51,7 +52,8 @@ NormScope = Literal["image", "concept"]
 
 
 class CamFn(Protocol):
-    def __call__(self, backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float) -> Tensor: ...
+    def __call__(self, backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float,
+                 frozen_dtype: torch.dtype | None = None) -> Tensor: ...
 
 
 # backbone.cam_method -> (batched implementation, one-backward-per-concept implementation)
@@ -81,24 +83,28 @@ def _check_inputs(backbone: Backbone, images: Tensor, centroids: Tensor) -> Tens
 
 
 def compute_cams(
-    backbone: Backbone, images: Tensor, centroids: Tensor, mass: float = 0.8, *, grad_scale: float = 1.0
+    backbone: Backbone, images: Tensor, centroids: Tensor, mass: float = 0.8, *, grad_scale: float = 1.0,
+    frozen_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Images (B, 3, H, W) in [0, 1], centroids (K, D) -> CAMs (B, K, h, w) float32, >= 0.
 
     One batched gradient for all K concepts. ``mass`` is the share of the negative
     gradient's mass kept by the binarisation (ViT only; Grad-CAM ignores it).
+    ``frozen_dtype`` (torch.bfloat16): run the part that needs no gradient (ViT blocks
+    1..L-1, the CNN trunk) under autocast to that dtype; the last block, the loss and the
+    gradient stay float32 (pseudolabels.frozen_bf16).
     """
     centroids = _check_inputs(backbone, images, centroids)
     batched, _ = _resolve(backbone)
     # Callers may sit in no_grad / inference_mode; the few differentiable ops need autograd.
     with torch.inference_mode(False):
-        return batched(backbone, images, centroids, mass, grad_scale)
+        return batched(backbone, images, centroids, mass, grad_scale, frozen_dtype)
 
 
 def compute_cams_loop(
     backbone: Backbone, images: Tensor, centroids: Tensor, mass: float = 0.8, *, grad_scale: float = 1.0
 ) -> Tensor:
-    """Same result as :func:`compute_cams`, one full forward + backward per concept (slow)."""
+    """Same result as :func:`compute_cams` (in float32), one full forward + backward per concept (slow)."""
     centroids = _check_inputs(backbone, images, centroids)
     _, loop = _resolve(backbone)
     with torch.inference_mode(False):
@@ -106,6 +112,14 @@ def compute_cams_loop(
 
 
 # --------------------------------------------------------------------------- shared pieces
+
+
+@contextlib.contextmanager
+def _frozen(images: Tensor, dtype: torch.dtype | None) -> Iterator[None]:
+    """No gradient, and autocast to ``dtype`` when given: the context of a CAM's frozen part."""
+    low = torch.autocast(images.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with torch.no_grad(), low:
+        yield
 
 
 def concept_loss(embedding: Tensor, centroids: Tensor) -> Tensor:
@@ -155,7 +169,8 @@ def attention_gradient_cam(attn_cls: Tensor, grad: Tensor, mass: float) -> Tenso
 # --------------------------------------------------------------------------- ViT: attention gradient
 
 
-def _vit_cams_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float) -> Tensor:
+def _vit_cams_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float,
+                   frozen_dtype: torch.dtype | None = None) -> Tensor:
     """Reference-style: per concept, a full forward with the full (B, heads, T, T) attention
     map as a leaf and one backward to it."""
     B, _, H, W = images.shape
@@ -175,14 +190,18 @@ def _vit_cams_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: 
 
 
 @register_cam_method("attention_gradient", loop=_vit_cams_loop)
-def _vit_cams(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float) -> Tensor:
-    """All concepts at once: blocks 1..L-1 without a graph, then only the [CLS] row of the
-    last attention map as the leaf (the [CLS] embedding depends on no other row, so the
-    other rows' gradients are exactly zero), and one vmapped backward for the K losses."""
+def _vit_cams(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float,
+              frozen_dtype: torch.dtype | None = None) -> Tensor:
+    """All concepts at once: blocks 1..L-1 without a graph (under ``frozen_dtype`` autocast when
+    given), then only the [CLS] row of the last attention map as the leaf (the [CLS] embedding
+    depends on no other row, so the other rows' gradients are exactly zero), and one vmapped
+    backward for the K losses, in float32."""
     B, _, H, W = images.shape
     h, w = backbone.grid(H, W)
+    with _frozen(images, frozen_dtype):
+        tokens = backbone.forward_tokens_before_last(images)
     with torch.no_grad():
-        inp = backbone.last_block_inputs(backbone.forward_tokens_before_last(images))
+        inp = backbone.last_block_inputs(tokens.float())
         attn = backbone.last_block_attention(inp, rows=1)  # (B, heads, 1, T)
     attn.requires_grad_()
     with torch.enable_grad():
@@ -197,7 +216,8 @@ def _vit_cams(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float
 # --------------------------------------------------------------------------- CNN: Grad-CAM
 
 
-def _gradcam_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float) -> Tensor:
+def _gradcam_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float,
+                  frozen_dtype: torch.dtype | None = None) -> Tensor:
     """Per concept: full forward, backward to the dense map F, Grad-CAM."""
     cams = []
     for centroid in centroids:
@@ -211,15 +231,17 @@ def _gradcam_loop(backbone: Backbone, images: Tensor, centroids: Tensor, mass: f
 
 
 @register_cam_method("gradcam", loop=_gradcam_loop)
-def _gradcam(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float) -> Tensor:
+def _gradcam(backbone: Backbone, images: Tensor, centroids: Tensor, mass: float, grad_scale: float,
+             frozen_dtype: torch.dtype | None = None) -> Tensor:
     """Grad-CAM for all concepts from one forward.
 
     The embedding is the spatial mean of F, so dL/dF at every position is dL/de / (h*w)
     and its spatial mean is dL/de / (h*w): differentiating w.r.t. the (B, D) embedding
     gives the Grad-CAM weights without a (K, B, D, h, w) gradient tensor.
     """
-    with torch.no_grad():
+    with _frozen(images, frozen_dtype):
         dense = backbone.dense_features(images)  # (B, C, h, w)
+    dense = dense.float()
     h, w = dense.shape[-2:]
     embedding = backbone.embedding_from_dense(dense).requires_grad_()
     with torch.enable_grad():

@@ -124,6 +124,10 @@ class PseudoLabelsConfig:
     # How CAMs are stored: float32 | float16 | uint16 (each image's CAMs over their maximum, in
     # steps of 1/65535: the size of float16, finer near the maximum; store.create_pseudolabel_file)
     cam_dtype: str = "float32"
+    # On CUDA, run the part of the CAM pass that needs no gradient (ViT blocks 1..L-1, the CNN
+    # trunk) under bf16 autocast; the last block, the loss and its gradient stay float32.
+    # Off by default: it moves the argmax of near-tied CAM pixels (make bench-cam-precision).
+    frozen_bf16: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("cam_dtype", self.cam_dtype, ("float32", "float16", "uint16"))

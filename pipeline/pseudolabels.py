@@ -32,7 +32,8 @@ from pipeline.store import (check_provenance, create_pseudolabel_file, encode_ca
 def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tensor,
                  cfg: PseudoLabelsConfig) -> torch.Tensor:
     """CAMs (B, K[+1], h, w) for images (B, 3, H, W); the background channel comes last."""
-    cams = compute_cams(backbone, images, centroids, mass=cfg.mass, grad_scale=cfg.grad_scale)
+    frozen = torch.bfloat16 if cfg.frozen_bf16 and images.device.type == "cuda" else None
+    cams = compute_cams(backbone, images, centroids, mass=cfg.mass, grad_scale=cfg.grad_scale, frozen_dtype=frozen)
     if cfg.background:
         cams = add_background_channel(cams, threshold=cfg.background_threshold)
     return cams

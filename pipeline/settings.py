@@ -39,7 +39,7 @@ PAPER: dict = {
     # flips the argmax of 19% of ViT-S/8 CAM pixels at grad_scale 1/8 and uint16 0.7% (12 CamVid
     # images, random weights: make bench-cam-precision)
     "pseudolabels": {"mass": 0.8, "background": False, "background_threshold": 0.1, "batch_size": 32,
-                     "grad_scale": 0.125, "cam_dtype": "uint16"},
+                     "grad_scale": 0.125, "cam_dtype": "uint16", "frozen_bf16": False},
     # Every training constant, so that any of them can be set with `dvc exp run -S train.<key>=...`.
     # the reference decoder's class-token init and discrete crop scales (segmenter_*.py)
     "train": {**TrainConfig().to_dict(), "num_workers": 8, "decoder_token_init": "reference",

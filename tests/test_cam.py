@@ -183,3 +183,20 @@ def test_cams_to_labels() -> None:
     weak = torch.tensor([[[[1.0, 0.9]], [[0.0, 0.2]]]])  # concept 1 is weak everywhere
     assert cams_to_labels(weak, "image").tolist() == [[[0, 0]]]
     assert cams_to_labels(weak, "concept").tolist() == [[[0, 1]]]
+
+
+@pytest.mark.parametrize("which", ["vit", "cnn"])
+def test_frozen_part_in_bf16_moves_the_cams_a_little_and_stays_float32(vit_tiny: Backbone, lite0: Backbone,
+                                                                        which: str) -> None:
+    # pseudolabels.frozen_bf16: only the part without gradient runs in bf16 (CPU autocast here)
+    backbone = vit_tiny if which == "vit" else lite0
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    centroids = torch.randn(4, backbone.embed_dim, generator=torch.Generator().manual_seed(2))
+    full = compute_cams(backbone, images, centroids)
+    low = compute_cams(backbone, images, centroids, frozen_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and low.shape == full.shape
+    assert not torch.equal(low, full)
+    # bf16 keeps 8 significant bits: the maps move by a few percent, their argmax hardly
+    assert (low - full).norm() <= 0.15 * full.norm()
+    assert (cams_to_labels(low) == cams_to_labels(full)).float().mean() >= 0.9
+    assert torch.equal(compute_cams(backbone, images, centroids, frozen_dtype=None), full)

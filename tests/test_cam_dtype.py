@@ -12,7 +12,7 @@ from pipeline.config import PseudoLabelsConfig
 from pipeline.data import build_manifest, generate_synthetic
 from pipeline.pseudolabels import concept_maps, write_pseudolabels
 from pipeline.settings import SETTINGS
-from pipeline.store import create_pseudolabel_file, read_h5_attrs
+from pipeline.store import create_pseudolabel_file, encode_cams, read_cams, read_h5_attrs
 
 
 def test_float32_round_trips_exactly_and_is_recorded(tmp_path):
@@ -43,14 +43,14 @@ def test_float16_is_the_default_of_the_file_and_other_dtypes_are_refused(tmp_pat
         PseudoLabelsConfig(cam_dtype="bfloat16")
 
 
-def test_paper_settings_store_float32_cpu_settings_float16():
+def test_paper_settings_store_uint16_cpu_settings_float16():
     assert PseudoLabelsConfig().cam_dtype == "float32"
     for name in SETTINGS.names():
-        expected = "float16" if name in ("demo", "camvid", "folder") else "float32"
+        expected = "float16" if name in ("demo", "camvid", "folder") else "uint16"
         assert SETTINGS.get(name).params()["pseudolabels"]["cam_dtype"] == expected, name
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint16"])
 def test_write_pseudolabels_stores_cam_dtype(dtype, vit_tiny, tmp_path):
     root = tmp_path / "data"
     generate_synthetic(root, n_train=3, n_val=1, size=(32, 32), seed=2)
@@ -67,4 +67,12 @@ def test_write_pseudolabels_stores_cam_dtype(dtype, vit_tiny, tmp_path):
         assert handle["cam"].dtype == np.dtype(dtype)
         assert read_h5_attrs(handle)["cam_dtype"] == dtype
         assert read_h5_attrs(handle)["params"]["cam_dtype"] == dtype
-        np.testing.assert_array_equal(handle["cam"][:], expected.astype(dtype))
+        stored, scale = encode_cams(expected, dtype)
+        np.testing.assert_array_equal(handle["cam"][:], stored)
+        np.testing.assert_array_equal(handle["cam_scale"][:], scale)
+        back = np.stack([read_cams(handle, i) for i in range(len(expected))])
+    # what readers get back: exact in float32; within half a step of 1/65535 of each image's
+    # maximum in uint16; float16's own rounding
+    top = expected.reshape(len(expected), -1).max(1)[:, None, None, None]
+    tolerance = {"float32": 0.0, "uint16": 0.5 / 65535 * 1.0001, "float16": 2.0 ** -11}[dtype]
+    assert (np.abs(back - expected) <= tolerance * top).all()
