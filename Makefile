@@ -11,13 +11,14 @@ SETTING ?= demo
 DATA_ROOT ?=
 SET ?=
 
-.PHONY: install demo test test-fast bench-cam bench-features bench-cam-precision bench-loader reproduce report clean help
+.PHONY: install demo test test-fast bench-cam bench-features bench-cam-precision bench-loader bench-stages reproduce report clean help
 
 help:
 	@echo "make demo       run the whole pipeline on the synthetic demo (dvc repro)"
 	@echo "make test       run the test suite"
 	@echo "make report     static HTML report -> cache/report/index.html"
 	@echo "make bench-cam  batched vs per-concept CAM timing (prints cam_speedup=...)"
+	@echo "make bench-stages  each per-image stage against its bare compute (prints <stage>_efficiency=...)"
 	@echo "make reproduce SETTING=<name> DATA_ROOT=<path> [SET='key=value ...']"
 
 # faiss build: gpu where an NVIDIA driver answers, else cpu (override: make install FAISS=cpu).
@@ -60,6 +61,9 @@ bench-cam-precision: $(STAMP)
 
 bench-loader: $(STAMP)
 	$(RUN) python benchmarks/bench_loader.py
+
+bench-stages: $(STAMP)
+	$(RUN) python benchmarks/bench_stages.py
 
 # One named setting through DVC: writes its params.yaml, then `dvc exp run` (SET holds
 # extra overrides, `dvc exp show` compares the runs).

@@ -204,12 +204,23 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
     pools = {CROP_KINDS[name] for name in cfg.pools}
     n_windows, n_samples = len(layout.windows), arrays["patch_sample"].rows_per_image
     starts = list(range(start, stop, batch_size))
-    # the next batches are decoded while this one runs through the backbone
-    decoded = prefetched(starts, lambda b0: [manifest.image(i) for i in range(b0, min(b0 + batch_size, stop))])
-    for b0, originals in zip(starts, decoded):
+
+    def load(b0: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batch b0 decoded and resized to the training size, and its crop-split images to the
+        concept size: on the prefetch thread, so that resizing overlaps compute too (on a GPU
+        the main thread's resizes alone would bound the stage's rate)."""
+        originals = [manifest.image(i) for i in range(b0, min(b0 + batch_size, stop))]
+        images = images_to_tensor([resize_image(img, layout.image_size) for img in originals])
+        crop_images = [img for j, img in enumerate(originals) if holds["crops"][b0 - start + j]]
+        concept = images_to_tensor([resize_image(img, layout.concept_size) for img in crop_images]) \
+            if crop_images and n_windows else None
+        return images, concept
+
+    # the next batches are decoded and resized while this one runs through the backbone
+    for b0, (images, concept) in zip(starts, prefetched(starts, load)):
         b1 = min(b0 + batch_size, stop)
         local = slice(b0 - start, b1 - start)
-        images = images_to_tensor([resize_image(img, layout.image_size) for img in originals]).to(device)
+        images = images.to(device)
         with torch.no_grad(), autocast(device):
             out = backbone(images)
         patch = out.patch.float().cpu().numpy().astype(np.float16)
@@ -225,7 +236,7 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
 
         with_crops = [j for j in range(b1 - b0) if holds["crops"][b0 - start + j]]
         if with_crops and n_windows:
-            concept = images_to_tensor([resize_image(originals[j], layout.concept_size) for j in with_crops]).to(device)
+            concept = concept.to(device)
             if cfg.foreground == "concept_scale":      # one more pass, at the scale the crops come from
                 with torch.no_grad(), autocast(device):
                     saliency = backbone(concept).saliency
