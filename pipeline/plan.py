@@ -134,6 +134,8 @@ def plan_stages(config: Config, manifest: Manifest, backbone) -> list[StagePlan]
     """Peak memory of each stage: its dominant allocations (buffers, pools, batches), from the
     same layouts; add the backbone's own activations on the device."""
     from pipeline.concepts import memory_needed
+    from pipeline.pseudolabels import BATCHES_PER_SHARD
+    from pipeline.runtime import decode_threads
     from pipeline.features import FeatureLayout
     from pipeline.store import feature_arrays, image_members, samples_per_image
 
@@ -144,8 +146,10 @@ def plan_stages(config: Config, manifest: Manifest, backbone) -> list[StagePlan]
     specs = feature_arrays(layout.grid, layout.dim, len(layout.windows), per_image)
     batch, (hc, wc), crop = config.backbone.batch_size, layout.concept_size, cfg.crop_size
     weights = sum(p.numel() * p.element_size() for p in backbone.parameters())
+    ahead = decode_threads()
+    h0, w0 = layout.image_size
     features = {"shard buffers": cfg.chunk_images * sum(s.row_bytes() for s in specs.values()),
-                "decoded images (2 batches ahead)": 3 * batch * hc * wc * 3,
+                f"decoded batches ({ahead} ahead, this machine's cores)": (ahead + 1) * batch * (hc * wc + h0 * w0) * 3,
                 "concept-scale batch": batch * 3 * hc * wc * 4,
                 "crop batch": 4 * batch * 3 * crop * crop * 4, "backbone": weights}
     n_rows = len(members["crops"]) * len(layout.windows)
@@ -154,7 +158,8 @@ def plan_stages(config: Config, manifest: Manifest, backbone) -> list[StagePlan]
     k = sum(int(v) for v in config.concepts.k.values()) + int(config.pseudolabels.background)
     pb = config.pseudolabels.batch_size
     pseudolabels = {"CAMs and their gradients": 3 * pb * k * h * w * 4 + pb * k * h * w * layout.dim * 4,
-                    "decoded images": 3 * pb * layout.image_size[0] * layout.image_size[1] * 3, "backbone": weights}
+                    f"decoded batches ({ahead} ahead)": (ahead + 1) * pb * h0 * w0 * 3,
+                    "shard results": BATCHES_PER_SHARD * pb * k * h * w * 4, "backbone": weights}
     tb = config.train.batch_size
     train = {"batches in flight (2 per worker)": 2 * max(config.train.num_workers, 1) * tb *
              (layout.image_size[0] * layout.image_size[1] * 3 + k * h * w * 4), "backbone": weights}

@@ -393,7 +393,7 @@ def test_a_rank_augments_its_part_as_one_process_augments_the_whole_batch():
         torch.testing.assert_close(part_cams, whole_cams[offset:offset + 4])
     # uint8 in, the float numbers of images_to_tensor
     from pipeline.data.images import images_to_tensor
-    from pipeline.train.augment import to_float_images
+    from pipeline.data import to_float_images
     assert torch.equal(to_float_images(images), images_to_tensor(images.numpy()))
 
 

@@ -14,6 +14,8 @@ from pipeline.data.images import (
     read_size,
     resize_image,
     resize_label,
+    stack_images,
+    to_float_images,
 )
 from pipeline.data.manifest import ImageRecord, Manifest
 from pipeline.data.readers import (
@@ -53,4 +55,6 @@ __all__ = [
     "read_size",
     "resize_image",
     "resize_label",
+    "stack_images",
+    "to_float_images",
 ]

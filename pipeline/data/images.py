@@ -147,10 +147,25 @@ def resize_label(lbl: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def images_to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
     """uint8 images (H, W, 3), one or a list of equal size -> float32 (B, 3, H, W) in [0, 1],
     the layout every backbone takes."""
+    return to_float_images(stack_images(images))
+
+
+def stack_images(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """uint8 images (H, W, 3), one or a list of equal size -> uint8 tensor (B, H, W, 3): what
+    goes to the device (a quarter of float32's bytes), made float there by to_float_images."""
     import torch
 
     batch = np.stack(images) if isinstance(images, list) else np.asarray(images)
     if batch.ndim == 3:
         batch = batch[None]
     # np.require: PIL-backed arrays are read-only, which torch.from_numpy warns about
-    return torch.from_numpy(np.require(batch, requirements=("C", "W"))).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(np.require(batch, requirements=("C", "W")))
+
+
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1] (x / 255, correctly rounded on any
+    device, so the same numbers on the CPU and the GPU); a float (B, 3, H, W) batch is returned
+    as it is."""
+    if images.is_floating_point():
+        return images
+    return images.permute(0, 3, 1, 2).float().div_(255.0)

@@ -14,6 +14,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from pipeline.config import TrainConfig
+from pipeline.data.images import to_float_images
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
@@ -206,10 +207,3 @@ def augment_batch(
         cams = torch.where(flip, cams.flip(-1), cams)
     return images, cams
 
-
-def to_float_images(images: Tensor) -> Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1], the numbers of
-    ``images_to_tensor`` (x / 255); a float (B, 3, H, W) batch is returned as it is."""
-    if images.is_floating_point():
-        return images
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
