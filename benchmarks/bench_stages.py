@@ -266,7 +266,8 @@ def bench_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, 
     # the bare run uses too); then stage and bare alternate, the last stage run instrumented
     breakdown = Breakdown()
     instrument = partial(instrumented, breakdown, features_mod, backbone, {
-                "resize_image": "resize (main thread)", "images_to_tensor": "images_to_tensor",
+                "resize_image": "resize (prefetch thread)", "stack_images": "stack_images (prefetch thread)",
+                "to_float_images": "to_float_images (device)",
                 "embed_crops": "embed_crops (crop forwards)", "bottom_up_sample": "bottom_up_sample",
                 "classify_windows": "classify_windows", "foreground_mask": "foreground_mask",
                 "new_feature_store": "store creation", "commit": "commit (rename)"})

@@ -524,8 +524,19 @@ def worker_setup(compute: ComputeConfig) -> WorkerSetup | None:
         processes = _slurm_processes(compute)
         return WorkerSetup(gpus=compute.jobqueue.gpus_per_job, processes=processes,
                            torch_threads=_threads(compute.jobqueue.cores, processes * compute.threads_per_worker))
-    return WorkerSetup(gpus=compute.gpus, processes=compute.workers,
-                       torch_threads=_threads(_cpu_count(), compute.workers * compute.threads_per_worker))
+    if compute.torch_threads:
+        threads = compute.torch_threads
+    elif compute.gpus:
+        threads = _threads(_cpu_count(), compute.workers * compute.threads_per_worker)
+    else:
+        # CPU workers compute with as many torch threads as the stage's own process would: CPU
+        # kernels sum in an order that depends on the thread count, and the same count is what
+        # makes a dask run's arrays those of the in-process run, bit for bit (so DVC sees no
+        # change). More threads than cores in all; compute.torch_threads trades that for speed.
+        import torch
+
+        threads = torch.get_num_threads()
+    return WorkerSetup(gpus=compute.gpus, processes=compute.workers, torch_threads=threads)
 
 
 _applied_setup: list[WorkerSetup] = []

@@ -185,6 +185,11 @@ class ComputeConfig:
     workers: int = 2                    # local cluster: worker processes
     threads_per_worker: int = 1         # shards one worker runs at once (local and slurm)
     gpus: int = 0                       # local cluster: GPUs its workers are spread over (worker i -> GPU i mod gpus)
+    # Local cluster: torch threads per worker. None: on CPU workers as many as the stage's own
+    # process uses (CPU results depend on the thread count: the same count gives the in-process
+    # run's arrays bit for bit), on GPU workers their share of the cores. A smaller number is
+    # faster on a CPU cluster but moves the last bits, so DVC sees the outputs changed.
+    torch_threads: int | None = None
     # A shard that raises (other than a bad input file) or whose worker dies is run again up to
     # this many times; worker deaths are counted by the scheduler, so only clusters this run
     # starts follow it (an existing scheduler keeps its distributed.scheduler.allowed-failures).
@@ -197,6 +202,8 @@ class ComputeConfig:
         for name in ("workers", "threads_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be at least 1 (or null), got {self.torch_threads}")
         for name in ("gpus", "retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,5 +1,9 @@
 """features and pseudolabels on a real dask LocalCluster (2 worker processes, CPU) write exactly
-what the in-process run writes: every array of the feature store and of the pseudo labels."""
+what the in-process run writes: every array of the feature store and of the pseudo labels.
+
+The demo's EfficientNet at 96x96: its CPU kernels sum in an order that depends on the torch
+thread count (a tiny ViT's do not), so this also checks that the workers compute with the
+stage's own thread count (compute.torch_threads: null)."""
 from __future__ import annotations
 
 import shutil
@@ -23,9 +27,9 @@ pytest.importorskip("distributed", reason="dask.distributed not installed (pip i
 def _config(tmp, cache: str, scheduler: str):
     params = tmp / f"params_{cache}.yaml"
     params.write_text(yaml.safe_dump({
-        "cache": str(tmp / cache), "backbone": {"name": "vit_tiny_random", "device": "cpu", "batch_size": 2},
+        "cache": str(tmp / cache), "backbone": {"name": "efficientnet_lite0", "device": "cpu", "batch_size": 2},
         "data": {"dataset": "synthetic", "root": str(tmp / "images")},
-        "features": {"image_size": [32, 32], "concept_scale": 1.0, "crop_fractions": [0.5], "crop_size": 16,
+        "features": {"image_size": [96, 96], "concept_scale": 1.0, "crop_fractions": [0.5], "crop_size": 48,
                      "pools": ["thing", "stuff"], "chunk_images": 3, "bottom_up_samples": 20},
         "concepts": {"k": {"thing": 2, "stuff": 2}, "iterations": 3},
         "pseudolabels": {"batch_size": 2, "cam_dtype": "uint16"},
@@ -34,7 +38,7 @@ def _config(tmp, cache: str, scheduler: str):
 
 
 def test_dask_run_equals_the_in_process_run(tmp_path):
-    generate_synthetic(tmp_path / "images", n_train=8, n_val=3, size=(32, 32), seed=4)
+    generate_synthetic(tmp_path / "images", n_train=8, n_val=3, size=(96, 96), seed=4)
     local, dask = _config(tmp_path, "local", "local"), _config(tmp_path, "dask", "dask")
     build_manifest("synthetic", tmp_path / "images").save(local.path("manifest"))
     features_stage(local)
