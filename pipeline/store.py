@@ -249,9 +249,40 @@ def open_features_of(config: Config) -> zarr.Group:
         verify=True)
 
 
-def _feature_repair(path: Path) -> str:
+def _feature_repair(path: Path, damaged: Sequence[Path] = ()) -> str:
+    """How to repair the store at `path`. A file whose bytes are damaged may be hard-linked into
+    DVC's cache (.dvc/config: outputs are linked, not copied), in which case DVC's copy is the
+    same damaged file: `dvc checkout` would restore the damage, and the object must go first."""
+    linked = [obj for obj in (_dvc_cache_object(f) for f in damaged) if obj is not None]
+    if linked:
+        return (f"DVC's cached copy is the same damaged file (a hard link): rm -f {' '.join(map(str, linked))} "
+                f"&& dvc repro -f -s features && dvc checkout --relink {path}")
     # --force: dvc checkout will not replace a modified output without it
     return f"restore it: dvc checkout --force {path}, or rerun the features stage: dvc repro -f -s features"
+
+
+def _dvc_cache_object(file: Path) -> Path | None:
+    """The object of the DVC cache (.dvc/cache of the first project above `file`) that is the same
+    file as `file` (a hard link to it), or None."""
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    if stat.st_nlink < 2:
+        return None
+    for folder in file.resolve().parents:
+        cache = folder / ".dvc" / "cache"
+        if cache.is_dir():
+            for root, _, names in os.walk(cache):
+                for name in names:
+                    candidate = Path(root) / name
+                    try:
+                        if os.path.samestat(candidate.stat(), stat):
+                            return candidate
+                    except OSError:
+                        continue
+            return None
+    return None
 
 
 def _shard_rows(array: zarr.Array) -> int:
@@ -368,7 +399,7 @@ def read_rows(store: zarr.Group, name: str, rows: int | slice | np.ndarray = sli
         raise InputError(path, f"array '{name}': shard{'s' if len(damaged) > 1 else ''} "
                          f"{_file_names(array, damaged, len(damaged))} "
                          f"cannot be decoded ({type(exc).__name__}: {first}); the store is damaged; "
-                         f"{_feature_repair(path)}") from None
+                         f"{_feature_repair(path, [path / name / _file_key(array, s) for s in damaged])}") from None
     if not absent_ok:
         _check_stored(store, name, rows, values)
     return values

@@ -4,6 +4,7 @@ of another K trained on)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import traceback
 from pathlib import Path
@@ -220,3 +221,19 @@ def test_pseudolabels_stage_refuses_concepts_of_other_weights(config, vit_tiny):
     assert f"weights_id: artifact has 'sha256-of-other-weights', this run expects '{vit_tiny.weights_id}'" in message
     assert "backbone" not in message
     assert not config.path("pseudolabels").exists() and not partial_path(config.path("pseudolabels")).exists()
+
+
+def test_a_damaged_shard_hard_linked_into_dvc_cache_names_the_cached_object(config, store, tmp_path):
+    # DVC hard-links its outputs into .dvc/cache (.dvc/config): a damaged shard damages DVC's copy
+    # too, so `dvc checkout` would bring the damage back; the message says to remove that object.
+    shard = store / "crops" / "embedding" / "c.1.0"
+    project = store.parents[1]                    # <project>/cache/features.zarr
+    cached = project / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef0123"
+    cached.parent.mkdir(parents=True)
+    os.link(shard, cached)
+    shard.write_bytes(b"not a shard")             # in place: the linked object is damaged too
+    with pytest.raises(InputError) as info:
+        concepts_stage(config)
+    message = str(info.value)
+    assert f"rm -f {cached} && dvc repro -f -s features && dvc checkout --relink {store}" in message
+    assert "dvc checkout --force" not in message
