@@ -6,8 +6,9 @@
 Everything runs in this process on one thread (``torch.set_num_threads(1)``, loader without
 workers), so a rate is a rate per core; the loader's workers multiply it by their number.
 The JPEGs are synthetic scenes (flat regions, gradients and noise at several scales) saved
-at quality 90, about 145 KB each, as COCO's; the CAMs are (K, h, w) float32 in an HDF5 file
-chunked and compressed as the pseudolabels stage writes them (one chunk per image, gzip 1).
+at quality 90, about 145 KB each, as COCO's; the CAMs are (K, h, w) in the HDF5 file the
+pseudolabels stage writes (one uncompressed chunk per image), stored as the paper settings
+store them (uint16).
 
 Paths timed per sample, each from the file on disk to a batch (best of ``--repeats``):
 
@@ -46,7 +47,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import TrainConfig
 from pipeline.data.images import load_image, resize_image
-from pipeline.store import CamReader
+from pipeline.settings import SETTINGS
+from pipeline.store import CamReader, create_pseudolabel_file, encode_cams
+
+CAM_DTYPE = SETTINGS.get("cocostuff27").params()["pseudolabels"]["cam_dtype"]
 from pipeline.train.augment import augment_batch
 from pipeline.train.data import ImageCache, PseudoLabelDataset, build_image_cache
 from pipeline.train.distributed import Ranks
@@ -78,8 +82,11 @@ def write_inputs(folder: Path, count: int, concepts: int, grid: tuple[int, int],
     coarse = torch.from_numpy(rng.normal(0, 1, (count, concepts, 5, 5)).astype(np.float32))
     cams = F.interpolate(coarse, size=grid, mode="bilinear", align_corners=False).clamp_min(0).numpy()
     labels = folder / "pseudolabels.h5"
-    with h5py.File(labels, "w") as handle:
-        handle.create_dataset("cam", data=cams, chunks=(1, concepts, *grid), compression="gzip", compression_opts=1)
+    # the file the pseudolabels stage writes, CAMs stored as the paper settings store them
+    create_pseudolabel_file(labels, image_ids=[p.stem for p in paths], num_concepts=concepts, grid=grid,
+                            attrs={}, cam_dtype=CAM_DTYPE)
+    with h5py.File(labels, "r+") as handle:
+        handle["cam"][:], handle["cam_scale"][:] = encode_cams(cams, CAM_DTYPE)
     return paths, labels
 
 
@@ -149,7 +156,7 @@ def main() -> None:
                 rates[name] = max(rates.get(name, 0.0), best_rate(run, 1))
 
     print(f"{n} JPEGs 640x480 (mean {jpeg_kb:.0f} KB, quality 90) -> {args.size}x{args.size} uint8, "
-          f"CAMs ({args.concepts}, {grid[0]}, {grid[1]}) float32 gzip HDF5, batches of {args.batch}, one thread")
+          f"CAMs ({args.concepts}, {grid[0]}, {grid[1]}) {CAM_DTYPE} HDF5, batches of {args.batch}, one thread")
     print(f"cache: {n * args.size * args.size * 3 / 2**20:.1f} MiB for {n} images "
           f"({args.size * args.size * 3 / 1024:.0f} KiB per image; built once per stage run at the baseline's rate)")
     for name in ("decode_resize", "loader_jpeg", "loader_cpu_augment"):

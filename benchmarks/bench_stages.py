@@ -199,9 +199,9 @@ def instrumented(breakdown: Breakdown, module: Any, backbone: Backbone, names: d
     stack.enter_context(mock.patch.object(backbone, "forward", breakdown.wrap("backbone forward", backbone.forward,
                                                                                    outer_only=True)))
     stack.enter_context(mock.patch.object(zarr.Array, "__setitem__",
-                                          breakdown.wrap("zarr writes (zstd)", zarr.Array.__setitem__)))
+                                          breakdown.wrap("zarr writes (one per shard)", zarr.Array.__setitem__)))
     stack.enter_context(mock.patch.object(h5py.Dataset, "__setitem__",
-                                          breakdown.wrap("HDF5 writes (gzip)", h5py.Dataset.__setitem__)))
+                                          breakdown.wrap("HDF5 writes", h5py.Dataset.__setitem__)))
     stack.enter_context(mock.patch.object(h5py.File, "flush", breakdown.wrap("HDF5 flush", h5py.File.flush)))
     return stack
 
