@@ -193,13 +193,28 @@ def plan_command(setting: str | None, images: int | None, eval_images: int | Non
         else:
             config = load_config(params_path, overrides)
         manifest = None
+        existing = config.path("manifest") if config.path("manifest").exists() else None
         if images is None:
-            if not config.path("manifest").exists():
+            if existing is None:
                 raise InputError(config.path("manifest"), "no manifest to plan from: pass --images N "
                                                           "(and --eval-images M), or run the prepare stage")
-            manifest = Manifest.load(config.path("manifest"))
-        elif eval_images is None:
-            eval_images = EVAL_IMAGES.get(config.setting, 0)
+            manifest = Manifest.load(existing)
+        else:
+            if images < 1:
+                raise InputError(None, f"--images must be at least 1, got {images}")
+            if eval_images is None:
+                # the published split of the setting, else the evaluation share of this project's manifest
+                if config.setting in EVAL_IMAGES:
+                    eval_images = EVAL_IMAGES[config.setting]
+                elif existing is not None and not setting:
+                    records = Manifest.load(existing).records
+                    share = sum(r.split == config.data.eval_split for r in records) / max(len(records), 1)
+                    eval_images = round(images * share)
+                else:
+                    eval_images = 0
+                click.echo(f"(--eval-images {eval_images})", err=True)
+            if not 0 <= eval_images <= images:
+                raise InputError(None, f"--eval-images must be between 0 and --images ({images}), got {eval_images}")
         result = plan(config, n_images=images, n_eval=eval_images, manifest=manifest)
     except (InputError, ProvenanceError) as exc:
         raise click.ClickException(str(exc)) from exc

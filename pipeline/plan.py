@@ -145,13 +145,12 @@ def plan_stages(config: Config, manifest: Manifest, backbone) -> list[StagePlan]
     per_image = samples_per_image(cfg.bottom_up_samples, len(members["crops"]), layout.grid)
     specs = feature_arrays(layout.grid, layout.dim, len(layout.windows), per_image)
     batch, (hc, wc), crop = config.backbone.batch_size, layout.concept_size, cfg.crop_size
-    weights = sum(p.numel() * p.element_size() for p in backbone.parameters())
     ahead = decode_threads()
     h0, w0 = layout.image_size
     features = {"shard buffers": cfg.chunk_images * sum(s.row_bytes() for s in specs.values()),
                 f"decoded batches ({ahead} ahead, this machine's cores)": (ahead + 1) * batch * (hc * wc + h0 * w0) * 3,
                 "concept-scale batch": batch * 3 * hc * wc * 4,
-                "crop batch": 4 * batch * 3 * crop * crop * 4, "backbone": weights}
+                "crop batch": 4 * batch * 3 * crop * crop * 4}
     n_rows = len(members["crops"]) * len(layout.windows)
     concepts = memory_needed(n_pool=n_rows, n_rows=len(manifest.records) * len(layout.windows), dim=layout.dim)
     h, w = layout.grid
@@ -159,15 +158,28 @@ def plan_stages(config: Config, manifest: Manifest, backbone) -> list[StagePlan]
     pb = config.pseudolabels.batch_size
     pseudolabels = {"CAMs and their gradients": 3 * pb * k * h * w * 4 + pb * k * h * w * layout.dim * 4,
                     f"decoded batches ({ahead} ahead)": (ahead + 1) * pb * h0 * w0 * 3,
-                    "shard results": BATCHES_PER_SHARD * pb * k * h * w * 4, "backbone": weights}
+                    "shard results": BATCHES_PER_SHARD * pb * k * h * w * 4}
     tb = config.train.batch_size
     train = {"batches in flight (2 per worker)": 2 * max(config.train.num_workers, 1) * tb *
-             (layout.image_size[0] * layout.image_size[1] * 3 + k * h * w * 4), "backbone": weights}
+             (layout.image_size[0] * layout.image_size[1] * 3 + k * h * w * 4)}
     n_samples = len(members["crops"]) * per_image
-    evaluate = {"bottom-up k-means points": 2 * n_samples * layout.dim * 4, "backbone": weights}
-    return [StagePlan(name, sum(terms.values()), terms) for name, terms in
+    evaluate = {"bottom-up k-means points": 2 * n_samples * layout.dim * 4}
+    # What a stage's process holds before its buffers: python, torch, zarr, h5py, faiss and the
+    # backbone, as this process holds them now (it imported the same and built the backbone).
+    baseline = {"process baseline (python, torch, backbone)": _resident_bytes()}
+    return [StagePlan(name, sum(terms.values()) + baseline[next(iter(baseline))], {**baseline, **terms})
+            for name, terms in
             (("features", features), ("concepts", concepts), ("pseudolabels", pseudolabels),
              ("train", train), ("evaluate", evaluate))]
+
+
+def _resident_bytes() -> int:
+    """This process's peak resident memory so far (bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)        # macOS: bytes; Linux: KiB
 
 
 def plan(config: Config, *, n_images: int | None = None, n_eval: int | None = None,
@@ -207,19 +219,20 @@ def plan(config: Config, *, n_images: int | None = None, n_eval: int | None = No
 
 
 def format_plan(result: dict) -> str:
-    """The plan as a table for a terminal."""
-    gib = 2 ** 30
+    """The plan as a table for a terminal, in GB (10^9 bytes, as disks are sold)."""
+    gb = 1e9
     lines = [f"setting {result['setting']}: {result['images']:,} images ({result['eval_images']:,} evaluation)",
-             f"{'artifact':<14}{'GiB':>10}{'files':>10}  path"]
+             f"{'artifact':<14}{'GB':>10}{'files':>10}  path"]
     for a in result["artifacts"]:
-        lines.append(f"{a['name']:<14}{a['bytes'] / gib:>10.2f}{a['files']:>10,}  {a['path']}")
-    lines.append(f"{'total':<14}{result['total_bytes'] / gib:>10.2f}{result['total_files']:>10,}")
+        lines.append(f"{a['name']:<14}{a['bytes'] / gb:>10.2f}{a['files']:>10,}  {a['path']}")
+    lines.append(f"{'total':<14}{result['total_bytes'] / gb:>10.2f}{result['total_files']:>10,}")
     free = result["disk_free_bytes"]
     verdict = "fits" if result["total_bytes"] < free else "DOES NOT FIT: free space or move the cache"
-    lines.append(f"{'disk free':<14}{free / gib:>10.2f}{'':>10}  {result['disk_folder']} ({verdict}; "
-                 f"DVC links its cache, .dvc/config, so it needs no second copy)")
-    lines.append(f"{'stage':<14}{'peak GiB':>10}  dominant terms")
+    lines.append(f"{'disk free':<14}{free / gb:>10.2f}{'':>10}  {result['disk_folder']} ({verdict}; "
+                 f"DVC hard-links its cache, .dvc/config, so it needs no second copy)")
+    lines.append(f"{'stage':<14}{'peak GB':>10}  = process baseline + dominant buffers (activations of the backbone's "
+                 f"forward come on top: on the GPU when there is one)")
     for s in result["stages"]:
-        terms = ", ".join(f"{k} {v / gib:.2f}" for k, v in s["terms"].items())
-        lines.append(f"{s['name']:<14}{s['peak_ram_bytes'] / gib:>10.2f}  {terms}")
+        terms = ", ".join(f"{k} {v / gb:.2f}" for k, v in s["terms"].items())
+        lines.append(f"{s['name']:<14}{s['peak_ram_bytes'] / gb:>10.2f}  {terms}")
     return "\n".join(lines)
