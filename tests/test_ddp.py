@@ -121,3 +121,16 @@ def test_every_rank_takes_its_equal_part_of_each_global_batch():
         one = GlobalBatches(21, config, Ranks())
         one.order = order
         assert [i for b in one for i in b] == (order[:16] if drop_last else order)
+
+
+def test_a_process_count_that_does_not_divide_the_batch_is_refused_before_relaunching(monkeypatch):
+    from pipeline.errors import InputError
+    from pipeline.train.stage import PROCS_ENV, relaunch_under_torchrun
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(PROCS_ENV, "3")
+    monkeypatch.setattr("sys.argv", ["transfgu", "train"])
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("torchrun was started"))
+    with pytest.raises(InputError, match="batch_size 16 cannot be split evenly over TRANSFGU_TRAIN_PROCS=3"):
+        relaunch_under_torchrun(16)

@@ -34,7 +34,7 @@ def train_stage(config: Config) -> None:
     Under torchrun every process runs this; rank 0 alone writes (checkpoint stamp, image
     cache, model files, curves) while the others wait for it where they must read what it wrote.
     """
-    if relaunch_under_torchrun():
+    if relaunch_under_torchrun(config.train.batch_size):
         return
     manifest = Manifest.load(config.path("manifest"))
     backbone = backbone_from_config(config.backbone)
@@ -106,12 +106,13 @@ def _file_stamp(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def relaunch_under_torchrun() -> bool:
+def relaunch_under_torchrun(batch_size: int) -> bool:
     """With ``TRANSFGU_TRAIN_PROCS=N`` (N > 1) set and not already under torchrun: run this same
     command as N processes through ``torch.distributed.run --standalone`` and wait for them.
 
-    Returns whether it did (the caller then has nothing left to do); a failed process makes
-    this raise, with torchrun's exit status.
+    Returns whether it did (the caller then has nothing left to do). A batch size that N does
+    not divide is refused before any process starts; a failed run exits with torchrun's status
+    (its processes printed their error).
     """
     procs = os.environ.get(PROCS_ENV, "").strip()
     if not procs or ranks_from_env().enabled or "WORLD_SIZE" in os.environ:
@@ -120,6 +121,9 @@ def relaunch_under_torchrun() -> bool:
         raise InputError(None, f"{PROCS_ENV}={procs!r}: expected a number of processes (1, 2, ...)")
     if int(procs) == 1:
         return False
+    if batch_size % int(procs):
+        raise InputError(None, f"train.batch_size {batch_size} cannot be split evenly over {PROCS_ENV}={procs} "
+                               f"processes: use a multiple of {procs}")
     if sys.argv[1:2] != ["train"]:
         raise InputError(None, f"{PROCS_ENV}={procs} relaunches the command line `transfgu train ...`, but this "
                                f"process is {sys.argv!r}; start it with torchrun instead (README, Running at scale)")
@@ -127,7 +131,9 @@ def relaunch_under_torchrun() -> bool:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
                "-m", "pipeline.cli", *sys.argv[1:]]
     log(f"train: {PROCS_ENV}={procs}: running under torchrun: {' '.join(command)}")
-    subprocess.run(command, check=True, env={**os.environ, PROCS_ENV: ""})
+    status = subprocess.run(command, env={**os.environ, PROCS_ENV: ""}).returncode
+    if status:
+        raise SystemExit(status)          # the processes said why; no second traceback here
     return True
 
 
