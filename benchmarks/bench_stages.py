@@ -434,7 +434,7 @@ def show(name: str, result: dict, n: int, unit: str = "img") -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32, help="640x480 JPEGs (a fifth in the evaluation split)")
+    parser.add_argument("--images", type=int, default=96, help="640x480 JPEGs (a fifth in the evaluation split)")
     parser.add_argument("--backbone", default="efficientnet_lite0",
                         help="efficientnet_lite0 (offline weights) or a ViT name (random weights)")
     parser.add_argument("--image-size", type=int, default=None, help="training size (square); default: the demo's 224")
