@@ -89,6 +89,54 @@ def cached_manifest(path: str, project_dir: str | None) -> "Manifest":
                          lambda: Manifest.load(path, project_dir=project_dir))
 
 
+@dataclass(kw_only=True)
+class StageShards:
+    """Base of a per-image stage's picklable ``work``: it reaches the manifest and the backbone.
+
+    Pickled to dask workers small (paths and the backbone's config): each worker process loads
+    the manifest and builds the backbone once (worker_cached), and checks that it loads the
+    weights the run started with. In the stage's own process the objects the stage already
+    holds are used as they are (they are not pickled).
+    """
+
+    manifest_path: str | None
+    project_dir: str | None
+    backbone_config: Any                # pipeline.config.BackboneConfig
+    weights_id: str
+    device: str
+    manifest: Any = None                # pipeline.data.Manifest, in the stage's own process
+    backbone: Any = None                # pipeline.backbones.Backbone, likewise
+
+    def __getstate__(self) -> dict:
+        if self.manifest_path is None or self.backbone_config is None:
+            raise ValueError(f"{type(self).__name__} on dask workers needs the manifest's path and the backbone's config")
+        return {**self.__dict__, "manifest": None, "backbone": None}
+
+    def inputs(self) -> tuple[Any, Any, Any]:
+        """(manifest, backbone on its device, torch device) for this process."""
+        from pipeline.backbones import backbone_from_config
+        from pipeline.runtime import resolve_device
+
+        device = resolve_device(self.device)
+        manifest = self.manifest or cached_manifest(self.manifest_path, self.project_dir)
+        backbone = self.backbone or worker_cached(
+            ("backbone", self.backbone_config.name, self.weights_id, str(device)),
+            lambda: backbone_from_config(self.backbone_config).to(device).eval())
+        if backbone.weights_id != self.weights_id:
+            raise ProvenanceError(f"{self.backbone_config.weights or self.backbone_config.name}: this worker loads "
+                                  f"weights {backbone.weights_id}, the run started with {self.weights_id}")
+        return manifest, backbone, device
+
+
+def shard_inputs(manifest: Any, backbone: Any, backbone_config: Any, device: Any) -> dict:
+    """The StageShards fields of a stage holding `manifest` (loaded from a file) and `backbone`."""
+    from pathlib import Path
+
+    return {"manifest_path": str(Path(manifest.path).resolve()) if manifest.path else None,
+            "project_dir": str(manifest.project_dir or Path.cwd()), "backbone_config": backbone_config,
+            "weights_id": backbone.weights_id, "device": str(device), "manifest": manifest, "backbone": backbone}
+
+
 def clear_worker_cache(key: Hashable | None = None) -> None:
     """Forget the object of ``key`` (every object when None) in this process."""
     with _CACHE_LOCK:

@@ -79,9 +79,7 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         _check_choice("foreground", self.foreground, ("upsampled", "concept_scale"))
         _check_choice("windows", self.windows, ("even", "reference"))
-        for name in ("chunk_images", "bottom_up_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _check_at_least(self, 1, "chunk_images", "bottom_up_samples")
 
 
 @dataclass
@@ -161,11 +159,8 @@ class JobqueueConfig:
     log_directory: str | None = None    # where the jobs' stdout and stderr go; None = the submit folder
 
     def __post_init__(self) -> None:
-        for name in ("jobs", "cores", "processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.gpus_per_job < 0:
-            raise ValueError(f"gpus_per_job must be >= 0, got {self.gpus_per_job}")
+        _check_at_least(self, 1, "jobs", "cores", "processes")
+        _check_at_least(self, 0, "gpus_per_job")
         for name in ("job_extra_directives", "job_script_prologue"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -199,14 +194,8 @@ class ComputeConfig:
     def __post_init__(self) -> None:
         _check_choice("scheduler", self.scheduler, ("local", "dask"))
         _check_choice("cluster", self.cluster, ("local", "slurm"))
-        for name in ("workers", "threads_per_worker"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads must be at least 1 (or null), got {self.torch_threads}")
-        for name in ("gpus", "retries"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_at_least(self, 1, "workers", "threads_per_worker", "torch_threads")
+        _check_at_least(self, 0, "gpus", "retries")
 
 
 @dataclass
@@ -304,6 +293,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_at_least(section: Any, low: int, *names: str) -> None:
+    """Each of `names` of `section` is at least `low` (None, where a key allows it, passes)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -29,9 +29,9 @@ import zarr
 from torchvision.ops import roi_align
 
 from pipeline.backbones import Backbone, backbone_from_config
-from pipeline.compute import cached_manifest, run_shards, shard_progress, worker_cached
+from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progress
 from pipeline.config import BackboneConfig, ComputeConfig, Config, FeaturesConfig
-from pipeline.errors import InputError, ProvenanceError
+from pipeline.errors import InputError
 from pipeline.data import Manifest, resize_image, stack_images, to_float_images
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
 from pipeline.runtime import autocast, log, prefetched, resolve_device
@@ -307,42 +307,18 @@ def new_feature_store(path: str | Path, manifest: Manifest, cfg: FeaturesConfig,
         attrs=attrs)
 
 
-@dataclass
-class FeatureShards:
-    """`work(shard)` of run_shards: write_feature_shard for one shard of the partial store.
-
-    Pickled to dask workers small: paths and config sections. The manifest and the backbone are
-    built on the worker once (worker_cached); in this process the objects the stage already
-    holds are used as they are (they are not pickled).
-    """
+@dataclass(kw_only=True)
+class FeatureShards(StageShards):
+    """`work(shard)` of run_shards: write_feature_shard for one shard of the partial store."""
 
     store: str
-    manifest_path: str | None
-    project_dir: str | None
-    backbone_config: BackboneConfig | None
-    weights_id: str
     cfg: FeaturesConfig
     crop_split: str
     eval_split: str
     batch_size: int
-    device: str
-    manifest: Manifest | None = None
-    backbone: Backbone | None = None
-
-    def __getstate__(self) -> dict:
-        if self.manifest_path is None or self.backbone_config is None:
-            raise ValueError("features on dask workers need the manifest's path and the backbone's config")
-        return {**self.__dict__, "manifest": None, "backbone": None}
 
     def __call__(self, shard: tuple[int, int]) -> None:
-        device = resolve_device(self.device)
-        manifest = self.manifest or cached_manifest(self.manifest_path, self.project_dir)
-        backbone = self.backbone or worker_cached(
-            ("backbone", self.backbone_config.name, self.weights_id, str(device)),
-            lambda: backbone_from_config(self.backbone_config).to(device).eval())
-        if backbone.weights_id != self.weights_id:
-            raise ProvenanceError(f"{self.backbone_config.weights or self.backbone_config.name}: this worker loads "
-                                  f"weights {backbone.weights_id}, the run started with {self.weights_id}")
+        manifest, backbone, device = self.inputs()
         root = zarr.open_group(self.store, mode="r+")
         write_feature_shard(root, manifest, *shard, backbone=backbone, cfg=self.cfg,
                             layout=FeatureLayout.from_config(self.cfg, backbone), crop_split=self.crop_split,
@@ -381,10 +357,8 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
     backbone.to(device).eval()
     todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
     skipped = len(manifest.records) - sum(b - a for a, b in todo)
-    work = FeatureShards(str(partial), str(manifest.path.resolve()) if manifest.path else None,
-                         str(manifest.project_dir or Path.cwd()), backbone_config,
-                         backbone.weights_id, cfg, attrs["crop_split"], attrs["eval_split"], batch_size,
-                         str(device), manifest=manifest, backbone=backbone)
+    work = FeatureShards(store=str(partial), **shard_inputs(manifest, backbone, backbone_config, device), cfg=cfg,
+                         crop_split=attrs["crop_split"], eval_split=attrs["eval_split"], batch_size=batch_size)
     tic = time.perf_counter()
     run_shards(todo, work, compute=compute, on_result=lambda shard, _: log_dir.mark(*shard), desc="features",
                total=len(manifest.records), done=skipped, show_progress=show_progress)

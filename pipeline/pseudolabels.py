@@ -19,9 +19,8 @@ import torch
 from pipeline.backbones import Backbone, backbone_from_config
 from pipeline.cam import add_background_channel, cams_to_labels, compute_cams
 from pipeline.concepts import Concepts
-from pipeline.compute import cached_manifest, run_shards, shard_progress, worker_cached
+from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progress
 from pipeline.config import BackboneConfig, ComputeConfig, Config, PseudoLabelsConfig
-from pipeline.errors import ProvenanceError
 from pipeline.data import Manifest, stack_images, to_float_images
 from pipeline.files import commit, partial_path, resume_or_restart
 from pipeline.runtime import log, prefetched, resolve_device
@@ -39,41 +38,17 @@ def concept_maps(backbone: Backbone, images: torch.Tensor, centroids: torch.Tens
     return cams
 
 
-@dataclass
-class CamShards:
+@dataclass(kw_only=True)
+class CamShards(StageShards):
     """`work(rows)` of run_shards: the CAMs of a shard of manifest rows, as stored (encode_cams),
-    with their hard labels. The client writes them (HDF5 has one writer).
+    with their hard labels. The client writes them (HDF5 has one writer)."""
 
-    Pickled to dask workers small: paths, config sections, the centroids (K, D); the manifest and
-    the backbone are built on the worker once (worker_cached). In this process the stage's own
-    objects are used (not pickled).
-    """
-
-    manifest_path: str | None
-    project_dir: str | None
-    backbone_config: BackboneConfig | None
-    weights_id: str
-    centroids: np.ndarray
+    centroids: np.ndarray               # (K, D), pickled with the work
     cfg: PseudoLabelsConfig
     image_size: tuple[int, int]
-    device: str
-    manifest: Manifest | None = None
-    backbone: Backbone | None = None
-
-    def __getstate__(self) -> dict:
-        if self.manifest_path is None or self.backbone_config is None:
-            raise ValueError("pseudolabels on dask workers need the manifest's path and the backbone's config")
-        return {**self.__dict__, "manifest": None, "backbone": None}
 
     def __call__(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        device = resolve_device(self.device)
-        manifest = self.manifest or cached_manifest(self.manifest_path, self.project_dir)
-        backbone = self.backbone or worker_cached(
-            ("backbone", self.backbone_config.name, self.weights_id, str(device)),
-            lambda: backbone_from_config(self.backbone_config).to(device).eval())
-        if backbone.weights_id != self.weights_id:
-            raise ProvenanceError(f"{self.backbone_config.weights or self.backbone_config.name}: this worker loads "
-                                  f"weights {backbone.weights_id}, the run started with {self.weights_id}")
+        manifest, backbone, device = self.inputs()
         centroids = torch.from_numpy(self.centroids).float().to(device)
         batches = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
         stored, scales, labels = [], [], []
@@ -125,9 +100,9 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
                                 cam_dtype=cfg.cam_dtype)
 
     backbone.to(device).eval()
-    work = CamShards(str(manifest.path.resolve()) if manifest.path else None, str(manifest.project_dir or Path.cwd()),
-                     backbone_config, backbone.weights_id, np.asarray(concepts.centroids, dtype=np.float32), cfg,
-                     tuple(int(v) for v in image_size), str(device), manifest=manifest, backbone=backbone)
+    work = CamShards(**shard_inputs(manifest, backbone, backbone_config, device),
+                     centroids=np.asarray(concepts.centroids, dtype=np.float32), cfg=cfg,
+                     image_size=tuple(int(v) for v in image_size))
     tic = time.perf_counter()
     with h5py.File(partial, "r+") as handle:
         todo = np.flatnonzero(~handle["done"][:])
