@@ -218,7 +218,7 @@ def open_features(path: str | Path, expected: dict | None = None, *, verify: boo
     Args:
         path: the store folder (cache/features.zarr).
         expected: attributes the store must have (check_provenance), None for no check.
-        verify: also check that every chunk file is there (verify_feature_store: one listing
+        verify: also check that every shard file it records is there (verify_feature_store: one listing
             of the folder), as the stages do.
     Returns:
         The root group; read its arrays with read_rows to turn a damaged chunk into an InputError.
@@ -242,7 +242,8 @@ def open_features(path: str | Path, expected: dict | None = None, *, verify: boo
 
 def open_features_of(config: Config) -> zarr.Group:
     """The feature store of `config`'s cache, checked to be made with its backbone, features
-    params and crop split (what the stages that read it depend on) and to have every chunk."""
+    params, crop and evaluation splits (what the stages that read it depend on) and to have every
+    shard it records."""
     return open_features(config.path("features"), expected={
         "backbone": config.backbone.name, "params": asdict(config.features), "crop_split": config.data.train_split,
         "eval_split": config.data.eval_split},

@@ -199,7 +199,7 @@ def test_a_damaged_chunk_is_named_while_reading_every_crop(tmp_path, budget):
     store, _, _ = _store(tmp_path, [(3, 400, 2)])
     path = tmp_path / "f.zarr" / "crops" / "embedding" / "c.2.0"
     assert path.exists()
-    path.write_bytes(b"not a zstd frame")
+    path.write_bytes(b"not a shard")
     with pytest.raises(InputError, match=r"array 'crops/embedding': shard c\.2\.0 \(rows 200\.\.299\) cannot be decoded"):
         discover_concepts(store, ConceptsConfig(k={"all": 2}, iterations=2), read_chunk=128, memory_budget=budget)
 
