@@ -52,7 +52,7 @@ from pipeline.store import CamReader, create_pseudolabel_file, encode_cams
 
 CAM_DTYPE = SETTINGS.get("cocostuff27").params()["pseudolabels"]["cam_dtype"]
 from pipeline.train.augment import augment_batch
-from pipeline.train.data import ImageCache, PseudoLabelDataset, build_image_cache
+from pipeline.train.data import PseudoLabelDataset, build_image_cache
 from pipeline.train.distributed import Ranks
 from pipeline.train.loop import GlobalBatches
 
