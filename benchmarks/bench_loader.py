@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.images < args.batch:        # the loader drops a last partial batch: no batch, no rate
+        parser.error(f"--images {args.images} must be at least --batch {args.batch}")
     torch.set_num_threads(1)
     size, grid = (args.size, args.size), (args.size // args.patch, args.size // args.patch)
     config = TrainConfig(batch_size=args.batch, num_workers=0)        # the paper's augmentation
