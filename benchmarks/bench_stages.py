@@ -15,7 +15,8 @@ paper's layout. Parameters are the ``demo`` setting's (``pipeline/settings.py``)
 ``--image-size`` and ``--batch-size`` (backbone, pseudolabels and train batch) applied.
 
 Per stage, on the same images in one run (best of ``--repeats``, stage and bare interleaved so
-that load from other processes hits both alike; the stage once before as a warm-up):
+that load from other processes hits both alike; the stage once before as a warm-up), in a
+process set up as the ``transfgu`` CLI sets up every stage (``OMP_WAIT_POLICY=PASSIVE``):
 
 * ``features``: ``pipeline.features.extract_features`` into a real Zarr store in the temporary
   folder (store creation, shards, JPEG decoding and resizing, writes, commit), against the bare
@@ -34,7 +35,7 @@ that load from other processes hits both alike; the stage once before as a warm-
 
 Printed per stage: per-image times of the stage and of its bare compute, ``<stage>_efficiency``
 = bare compute time / stage time (target >= 0.85), and where the stage's main thread spends
-the rest (the last stage run, instrumented; decoding runs on the prefetch thread, so its time shows
+the rest (the last stage run, instrumented; decoding runs on the prefetch pool, so its time shows
 as the wait for it). On CUDA also images/s and, for a ViT, the share of the GPU's bf16 peak
 from the forward's FLOPs. Figures on a machine shared with other sessions are noisy.
 """
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
+import pipeline.cli  # noqa: F401,I001 - first, before torch: sets OMP_WAIT_POLICY as every stage runs with it
 import h5py
 import numpy as np
 import torch
@@ -171,10 +173,10 @@ class Breakdown:
         return timed
 
     def prefetched(self, original: Callable) -> Callable:
-        """runtime.prefetched whose every next() (the wait for the prefetch thread) is timed."""
-        def wrapper(items: Any, load: Callable, ahead: int = 2) -> Any:
-            source = original(items, load, ahead)
-            step = self.wrap("wait for decoding (prefetch thread)", lambda: next(source, _DONE))
+        """runtime.prefetched_batches whose every next() (the wait for the prefetch pool) is timed."""
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            source = original(*args, **kwargs)
+            step = self.wrap("wait for decoding (prefetch pool)", lambda: next(source, _DONE))
             while (item := step()) is not _DONE:
                 yield item
         return wrapper
@@ -195,7 +197,8 @@ def instrumented(breakdown: Breakdown, module: Any, backbone: Backbone, names: d
     stack = contextlib.ExitStack()
     for attr, label in names.items():
         stack.enter_context(mock.patch.object(module, attr, breakdown.wrap(label, getattr(module, attr))))
-    stack.enter_context(mock.patch.object(module, "prefetched", breakdown.prefetched(module.prefetched)))
+    stack.enter_context(mock.patch.object(module, "prefetched_batches",
+                                          breakdown.prefetched(module.prefetched_batches)))
     stack.enter_context(mock.patch.object(backbone, "forward", breakdown.wrap("backbone forward", backbone.forward,
                                                                                    outer_only=True)))
     stack.enter_context(mock.patch.object(zarr.Array, "__setitem__",
@@ -266,7 +269,7 @@ def bench_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, 
     # the bare run uses too); then stage and bare alternate, the last stage run instrumented
     breakdown = Breakdown()
     instrument = partial(instrumented, breakdown, features_mod, backbone, {
-                "resize_image": "resize (prefetch thread)", "stack_images": "stack_images (prefetch thread)",
+                "resize_image": "resize (prefetch thread)", "stack_images": "stack_images",
                 "to_float_images": "to_float_images (device)",
                 "embed_crops": "embed_crops (crop forwards)", "bottom_up_sample": "bottom_up_sample",
                 "classify_windows": "classify_windows", "foreground_mask": "foreground_mask",

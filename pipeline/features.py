@@ -34,7 +34,7 @@ from pipeline.config import BackboneConfig, ComputeConfig, Config, FeaturesConfi
 from pipeline.errors import InputError
 from pipeline.data import Manifest, resize_image, stack_images, to_float_images
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
-from pipeline.runtime import autocast, log, prefetched, resolve_device
+from pipeline.runtime import autocast, log, prefetched_batches, resolve_device
 from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, feature_arrays,
                             image_members, samples_per_image, shards)
 
@@ -205,19 +205,21 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
     n_windows, n_samples = len(layout.windows), arrays["patch_sample"].rows_per_image
     starts = list(range(start, stop, batch_size))
 
-    def load(b0: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Batch b0 decoded and resized to the training size, and its crop-split images to the
-        concept size: on the prefetch thread, so that resizing overlaps compute too (on a GPU
-        the main thread's resizes alone would bound the stage's rate)."""
-        originals = [manifest.image(i) for i in range(b0, min(b0 + batch_size, stop))]
-        images = stack_images([resize_image(img, layout.image_size) for img in originals])
-        crop_images = [img for j, img in enumerate(originals) if holds["crops"][b0 - start + j]]
-        concept = stack_images([resize_image(img, layout.concept_size) for img in crop_images]) \
-            if crop_images and n_windows else None
-        return images, concept          # uint8: a quarter of float32's bytes to the device
+    def load(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image i resized to the training size and, when a crop-split image, to the concept
+        size: on a prefetch thread, so that resizing overlaps compute too (on a GPU the main
+        thread's resizes alone would bound the stage's rate)."""
+        original = manifest.image(i)
+        concept = resize_image(original, layout.concept_size) if holds["crops"][i - start] and n_windows else None
+        return resize_image(original, layout.image_size), concept
 
     # the next batches are decoded and resized while this one runs through the backbone
-    for b0, (images, concept) in zip(starts, prefetched(starts, load)):
+    batches = [range(b0, min(b0 + batch_size, stop)) for b0 in starts]
+    for b0, loaded in zip(starts, prefetched_batches(batches, load)):
+        # uint8 to the device: a quarter of float32's bytes
+        images = stack_images([image for image, _ in loaded])
+        crop_images = [concept for _, concept in loaded if concept is not None]
+        concept = stack_images(crop_images) if crop_images else None
         b1 = min(b0 + batch_size, stop)
         local = slice(b0 - start, b1 - start)
         images = to_float_images(images.to(device))

@@ -23,7 +23,7 @@ from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progre
 from pipeline.config import BackboneConfig, ComputeConfig, Config, PseudoLabelsConfig
 from pipeline.data import Manifest, stack_images, to_float_images
 from pipeline.files import commit, partial_path, resume_or_restart
-from pipeline.runtime import log, prefetched, resolve_device
+from pipeline.runtime import log, prefetched_batches, resolve_device
 from pipeline.store import (check_provenance, create_pseudolabel_file, encode_cams, pseudolabel_provenance,
                             read_h5_attrs)
 
@@ -53,11 +53,10 @@ class CamShards(StageShards):
         batches = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
         stored, scales, labels = [], [], []
         # the next batches are decoded while this one runs through the backbone
-        def load(rows: list[int]) -> torch.Tensor:     # uint8: a quarter of float32's bytes to the device
-            return stack_images([manifest.image(i, self.image_size) for i in rows])
-
-        for batch, loaded in zip(batches, prefetched(batches, load)):
-            cams = concept_maps(backbone, to_float_images(loaded.to(device)), centroids, self.cfg)
+        loaded = prefetched_batches(batches, lambda i: manifest.image(i, self.image_size))
+        for batch, images in zip(batches, loaded):
+            # uint8 to the device: a quarter of float32's bytes
+            cams = concept_maps(backbone, to_float_images(stack_images(images).to(device)), centroids, self.cfg)
             values, scale = encode_cams(cams.float().cpu().numpy(), self.cfg.cam_dtype)
             stored.append(values)
             scales.append(scale)

@@ -1,6 +1,9 @@
-"""Progress in logs: a long loop says where it is at a fixed interval when stderr is not a terminal."""
+"""Progress in logs: a long loop says where it is at a fixed interval when stderr is not a terminal;
+decoding ahead of the compute, at a lower priority."""
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -67,3 +70,35 @@ def test_prefetched_keeps_order_runs_ahead_and_raises_in_place():
     assert [next(results) for _ in range(3)] == [10, 20, 30]
     with pytest.raises(ValueError, match="bad item 4"):
         next(results)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_prefetched_decodes_at_the_lowest_priority_and_leaves_the_callers_alone():
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    seen = list(prefetched(range(3), lambda _: niceness(), ahead=2))
+    assert seen == [19, 19, 19]          # decoding yields the cores to the stage's compute
+    assert niceness() == before          # the compute's own thread keeps its priority
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_training_loader_workers_run_at_the_lowest_priority():
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.train.distributed import Ranks
+    from pipeline.train.loop import GlobalBatches, _loader
+
+    class Niceness(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, _: int) -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    config = TrainConfig(batch_size=1, num_workers=1)
+    batches = GlobalBatches(2, config, Ranks())
+    batches.order = [0, 1]
+    assert [int(b) for b in _loader(Niceness(), config, batches, torch.device("cpu"))] == [19, 19]

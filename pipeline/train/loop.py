@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.config import TrainConfig
 from pipeline.errors import InputError
 from pipeline.files import atomic_write
-from pipeline.runtime import autocast, progress
+from pipeline.runtime import autocast, progress, yield_to_compute
 from pipeline.train.augment import augment_batch
 from pipeline.train.curves import LOSS_TERMS
 from pipeline.train.distributed import Ranks, all_sum, barrier, setup
@@ -368,7 +368,8 @@ def _loader(dataset: Dataset, config: TrainConfig, batches: GlobalBatches, devic
 
     The loader draws its workers' base seed from its own generator, never from the global one
     that dropout draws from, so a resumed run's random streams are an uninterrupted run's
-    (the workers themselves draw nothing: they read and hand over stored bytes)."""
+    (the workers themselves draw nothing: they read and hand over stored bytes). Workers run at
+    the lowest priority, taking the cycles the training step leaves (yield_to_compute)."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
                       persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(int(config.seed)))
+                      worker_init_fn=yield_to_compute, generator=torch.Generator().manual_seed(int(config.seed)))
