@@ -443,7 +443,7 @@ def cluster(compute: ComputeConfig) -> Iterator["Client"]:
         return
     started = slurm_cluster(compute) if compute.cluster == "slurm" else local_cluster(compute)
     try:
-        with Client(started) as client:
+        with _quiet_when_interrupted(), Client(started) as client:
             if compute.cluster == "slurm":
                 started.scale(jobs=compute.jobqueue.jobs)
                 log(f"compute: asked SLURM for {compute.jobqueue.jobs} job(s) of {_slurm_processes(compute)} "
@@ -465,7 +465,38 @@ def local_cluster(compute: ComputeConfig) -> Any:
     from distributed import LocalCluster
 
     return LocalCluster(n_workers=compute.workers, processes=True, threads_per_worker=compute.threads_per_worker,
-                        scheduler_kwargs={"allowed_failures": compute.retries}, dashboard_address=":0")
+                        scheduler_kwargs={"allowed_failures": compute.retries}, dashboard_address=":0",
+                        preload=[__name__])      # dask_setup below, in every worker process
+
+
+def dask_setup(worker: Any) -> None:
+    """Run by each local worker process as it starts (a dask preload: local_cluster).
+
+    A terminal's Ctrl-C reaches every process of its group, the workers included: they leave it
+    to the client, which stops the stage and closes them, instead of each printing a
+    KeyboardInterrupt traceback. And the warning a worker logs for each task its closing
+    cancels ("Async instruction ... ended with CancelledError", the only warning that logger
+    has) is dropped.
+    """
+    import logging
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _quiet_when_interrupted() -> Iterator[None]:
+    """On Ctrl-C, the closing cluster's own warnings (workers busy in a shard are killed after a
+    few seconds: "Worker process still alive ..., killing") are not shown: the stage's one
+    message says what was kept."""
+    import logging
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        raise
 
 
 def _slurm_processes(compute: ComputeConfig) -> int:

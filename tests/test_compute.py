@@ -3,6 +3,8 @@ processes on CPU, per-worker caching, errors, retries, SLURM job scripts; the `c
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,3 +349,13 @@ def test_shards_may_be_lists_of_rows(client):
 def test_nothing_to_do_starts_no_cluster(monkeypatch):
     monkeypatch.setattr(compute_mod, "cluster", None)      # would fail if called
     run_shards([], Rows(0), compute=ComputeConfig(scheduler="dask"), done=5, show_progress=False)
+
+
+def test_a_terminals_ctrl_c_leaves_the_local_workers_to_the_client(client):
+    """Ctrl-C in a terminal reaches the whole process group: the workers ignore it (the client
+    stops the stage and closes them) rather than each dying with a traceback."""
+    before = client.run(os.getpid)
+    for pid in before.values():
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert client.run(os.getpid) == before       # the same processes: none died and was restarted
