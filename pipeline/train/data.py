@@ -122,7 +122,19 @@ def build_image_cache(path: Path, read: Callable[[int], np.ndarray], count: int,
     remove(meta_path)
     partial = partial_path(path)
     remove(partial)
-    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(count, height, width, 3))
+    _decode_into(partial, read, count, (height, width), workers)
+    # _decode_into has returned: its memmap is closed before the rename
+    commit(partial, path)
+    write_json(meta_path, {"fingerprint": digest, "shape": [count, height, width, 3]})
+    return ImageCache(path)
+
+
+def _decode_into(path: Path, read: Callable[[int], np.ndarray], count: int, size: tuple[int, int],
+                 workers: int) -> None:
+    """``read(position)`` for every position into a new (count, H, W, 3) uint8 .npy at ``path``,
+    on ``workers`` threads; flushed when it returns."""
+    height, width = size
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, height, width, 3))
 
     def put(position: int) -> None:
         img = read(position)
@@ -135,7 +147,3 @@ def build_image_cache(path: Path, read: Callable[[int], np.ndarray], count: int,
         for _ in pool.map(put, range(count)):    # map re-raises a read error (an InputError naming the file)
             pass
     array.flush()
-    del array
-    commit(partial, path)
-    write_json(meta_path, {"fingerprint": digest, "shape": [count, height, width, 3]})
-    return ImageCache(path)
