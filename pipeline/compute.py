@@ -103,6 +103,8 @@ class StageShards:
     project_dir: str | None
     backbone_config: Any                # pipeline.config.BackboneConfig
     weights_id: str
+    # what the stage asked for ("auto", "cuda", a resolved "cuda:0"), resolved by each process
+    # that computes: a dask client on a login node without a GPU must not decide for its workers
     device: str
     manifest: Any = None                # pipeline.data.Manifest, in the stage's own process
     backbone: Any = None                # pipeline.backbones.Backbone, likewise
@@ -165,6 +167,12 @@ def shard_progress(n: int) -> None:
 
 
 # ----------------------------------------------------------------------------- run_shards
+def runs_in_process(compute: "ComputeConfig | Client | None") -> bool:
+    """Whether run_shards runs the shards in this process (None, or the local scheduler) rather
+    than on a dask cluster (a dask ComputeConfig or a connected Client)."""
+    return compute is None or (isinstance(compute, ComputeConfig) and compute.scheduler == "local")
+
+
 def run_shards(shards: Iterable[S], work: Callable[[S], R], *,
                compute: "ComputeConfig | Client | None" = None,
                on_result: Callable[[S, R], None] | None = None,
@@ -208,7 +216,7 @@ def run_shards(shards: Iterable[S], work: Callable[[S], R], *,
     sizes = [size(s) for s in shards]
     total = done + sum(sizes) if total is None else total
     # no shard left (a resumed run): no cluster is started for nothing
-    if compute is None or not shards or (isinstance(compute, ComputeConfig) and compute.scheduler == "local"):
+    if not shards or runs_in_process(compute):
         with _bar(total, done, desc, unit, show_progress) as bar:
             _run_local(shards, sizes, work, on_result, bar)
         return

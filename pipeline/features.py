@@ -29,7 +29,7 @@ import zarr
 from torchvision.ops import roi_align
 
 from pipeline.backbones import Backbone, backbone_from_config
-from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progress
+from pipeline.compute import StageShards, run_shards, runs_in_process, shard_inputs, shard_progress
 from pipeline.config import BackboneConfig, ComputeConfig, Config, FeaturesConfig
 from pipeline.errors import InputError
 from pipeline.data import Manifest, resize_image, stack_images, to_float_images
@@ -329,7 +329,7 @@ class FeatureShards(StageShards):
 
 
 def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig, out: str | Path, *,
-                     crop_split: str, eval_split: str | None = None, batch_size: int, device: torch.device,
+                     crop_split: str, eval_split: str | None = None, batch_size: int, device: torch.device | str,
                      weights_source: str = "", show_progress: bool = True, compute: ComputeConfig | None = None,
                      backbone_config: BackboneConfig | None = None) -> Path:
     """Build `out` (a Zarr v3 store, store.feature_arrays) for every image of the manifest; resumable.
@@ -345,6 +345,8 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
         compute: where the shards run (pipeline.compute); None: in this process.
         backbone_config: how workers build the backbone (needed by a dask scheduler, with
             `manifest.path`).
+        device: what computes ("auto", "cuda", a torch.device), resolved where the shards run:
+            in this process, or by each dask worker.
     """
     out = Path(out)
     layout = FeatureLayout.from_config(cfg, backbone)
@@ -356,7 +358,8 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
                                                                  attrs), "features", log):
         log_dir.clear()
         new_feature_store(partial, manifest, cfg, layout, attrs)
-    backbone.to(device).eval()
+    if runs_in_process(compute):
+        backbone.to(resolve_device(str(device))).eval()
     todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
     skipped = len(manifest.records) - sum(b - a for a, b in todo)
     work = FeatureShards(store=str(partial), **shard_inputs(manifest, backbone, backbone_config, device), cfg=cfg,
@@ -377,8 +380,7 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
 
 def features_stage(config: Config) -> None:
     """Stage `features`: every manifest image through the frozen backbone into the Zarr store."""
-    device = resolve_device(config.backbone.device)
     extract_features(Manifest.load(config.path("manifest")), backbone_from_config(config.backbone), config.features,
                      config.path("features"), crop_split=config.data.train_split, eval_split=config.data.eval_split,
-                     batch_size=config.backbone.batch_size, device=device, weights_source=config.backbone.weights,
-                     compute=config.compute, backbone_config=config.backbone)
+                     batch_size=config.backbone.batch_size, device=config.backbone.device,
+                     weights_source=config.backbone.weights, compute=config.compute, backbone_config=config.backbone)

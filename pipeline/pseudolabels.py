@@ -19,7 +19,7 @@ import torch
 from pipeline.backbones import Backbone, backbone_from_config
 from pipeline.cam import add_background_channel, cams_to_labels, compute_cams
 from pipeline.concepts import Concepts
-from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progress
+from pipeline.compute import StageShards, run_shards, runs_in_process, shard_inputs, shard_progress
 from pipeline.config import BackboneConfig, ComputeConfig, Config, PseudoLabelsConfig
 from pipeline.data import Manifest, stack_images, to_float_images
 from pipeline.files import commit, partial_path, resume_or_restart
@@ -71,7 +71,7 @@ BATCHES_PER_SHARD = 16
 
 
 def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concepts, cfg: PseudoLabelsConfig,
-                       out: str | Path, *, image_size: tuple[int, int], device: torch.device,
+                       out: str | Path, *, image_size: tuple[int, int], device: torch.device | str,
                        provenance: dict, show_progress: bool = True, compute: ComputeConfig | None = None,
                        backbone_config: BackboneConfig | None = None) -> Path:
     """Build `out` (HDF5: cam, cam_scale, label, image_id) for every manifest image; resumable.
@@ -79,7 +79,8 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
     Its attributes are `provenance` (e.g. dataset), the params and store.pseudolabel_provenance,
     which the readers check (store.open_pseudolabels_of). Shards of BATCHES_PER_SHARD batches run
     in this process or on a dask cluster (`compute`, with `backbone_config` to build the backbone
-    there); this process writes each as it arrives and marks its images done.
+    there); this process writes each as it arrives and marks its images done. ``device`` ("auto",
+    "cuda", a torch.device) is resolved where the shards run: here, or by each dask worker.
     """
     out = Path(out)
     ids = [r.id for r in manifest.records]
@@ -98,7 +99,8 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
         create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs,
                                 cam_dtype=cfg.cam_dtype)
 
-    backbone.to(device).eval()
+    if runs_in_process(compute):
+        backbone.to(resolve_device(str(device))).eval()
     work = CamShards(**shard_inputs(manifest, backbone, backbone_config, device),
                      centroids=np.asarray(concepts.centroids, dtype=np.float32), cfg=cfg,
                      image_size=tuple(int(v) for v in image_size))
@@ -137,5 +139,5 @@ def pseudolabels_stage(config: Config) -> None:
     concepts = Concepts.load(config.path("concepts"), expected={k: provenance[k] for k in ("backbone", "weights_id")})
     write_pseudolabels(manifest, backbone, concepts, config.pseudolabels,
                        config.path("pseudolabels"), image_size=config.image_size,
-                       device=resolve_device(config.backbone.device), provenance=provenance,
+                       device=config.backbone.device, provenance=provenance,
                        compute=config.compute, backbone_config=config.backbone)

@@ -37,7 +37,7 @@ def _config(tmp, cache: str, scheduler: str):
     return load_config(params)
 
 
-def test_dask_run_equals_the_in_process_run(tmp_path):
+def test_dask_run_equals_the_in_process_run(tmp_path, monkeypatch):
     generate_synthetic(tmp_path / "images", n_train=8, n_val=3, size=(96, 96), seed=4)
     local, dask = _config(tmp_path, "local", "local"), _config(tmp_path, "dask", "dask")
     build_manifest("synthetic", tmp_path / "images").save(local.path("manifest"))
@@ -48,6 +48,13 @@ def test_dask_run_equals_the_in_process_run(tmp_path):
     dask.path("manifest").parent.mkdir(parents=True)
     shutil.copy(local.path("manifest"), dask.path("manifest"))
     shutil.copytree(local.path("concepts"), dask.path("concepts"))
+    # the stage's own process resolves no device for a dask run: a client on a login node
+    # without a GPU must neither refuse `device: cuda` nor pick the CPU for its GPU workers
+    def resolved_on_the_client(name):
+        raise AssertionError(f"device {name!r} resolved in the stage's own process")
+
+    monkeypatch.setattr("pipeline.features.resolve_device", resolved_on_the_client)
+    monkeypatch.setattr("pipeline.pseudolabels.resolve_device", resolved_on_the_client)
     features_stage(dask)
     pseudolabels_stage(dask)
 
