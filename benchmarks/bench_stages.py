@@ -81,7 +81,9 @@ from pipeline.store import CROP_KINDS
 
 TARGET = 0.85
 # dense bf16 tensor-core peak (TFLOP/s) by device name; the share printed is of this figure
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+# (first match wins: the PCIe and NVL H100s before the SXM one)
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -543,13 +545,13 @@ def main(argv: list[str] | None = None) -> None:
                     ratios["train"] = show("train", tr, tr["steps"], unit="step")
 
         if device.type == "cuda" and vit and feats is not None:
-            flops = vit_forward_flops(backbone, (size, size)) * n / min(feats["bare"])
             peak = bf16_peak(device)
             crop_flops = vit_forward_flops(backbone, (fcfg.crop_size, fcfg.crop_size)) * feats["crops"]
-            achieved = (vit_forward_flops(backbone, (size, size)) * n + crop_flops) / min(feats["stage"])
+            work = vit_forward_flops(backbone, (size, size)) * n + crop_flops   # what stage and bare both run
+            achieved, bare = work / min(feats["stage"]), work / min(feats["bare"])
             print(f"  features: {achieved / 1e12:.1f} TFLOP/s in the stage (training-size forwards + crops)"
                   + (f", {100 * achieved / peak:.1f}% of the bf16 peak ({peak / 1e12:.0f} TFLOP/s)" if peak else
-                     " (bf16 peak of this GPU unknown)") + f"; bare forwards alone {flops / 1e12:.1f} TFLOP/s")
+                     " (bf16 peak of this GPU unknown)") + f"; the bare compute {bare / 1e12:.1f} TFLOP/s")
 
     if "loader" in stages:
         rate, how = loader_rate(max(32, args.images))

@@ -347,6 +347,7 @@ class Artifacts:
         import torch
 
         from pipeline.data import images_to_tensor
+        from pipeline.runtime import autocast
         from pipeline.store import read_rows
 
         store, indices = self.feature_store, [self.index(k) for k in keys]
@@ -360,7 +361,8 @@ class Artifacts:
         if missing:
             if self._backbone is None:
                 self._backbone = self._new_backbone().to(self.device).eval()
-            with torch.no_grad():
+            # as the features stage computes them (bf16 autocast on CUDA)
+            with torch.no_grad(), autocast(self.device):
                 for j in missing:
                     image = images_to_tensor(self.image(indices[j], self.model_input_size())).to(self.device)
                     out[j] = self._backbone(image).patch[0].float().cpu().numpy().astype(np.float16)
@@ -381,10 +383,11 @@ class Artifacts:
         import torch
 
         from pipeline.data import images_to_tensor
+        from pipeline.runtime import autocast
 
         size = self.model_input_size()
         x = images_to_tensor(self.image(key, size))
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device):      # as the evaluate stage predicts
             logits = self.segmenter(x.to(self.device))[0].float().cpu().numpy()
         return logits, logits.argmax(0)
 

@@ -26,6 +26,7 @@ e.g. a 16.8M-crop pool of 384-D crops: 12.9 GB (float16) + 67 MB + ~0.3 GB.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,11 +210,20 @@ def _chunks(points: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
         yield start, part
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_resources() -> "faiss.StandardGpuResources":
+    """One set of faiss GPU resources (cuBLAS handle, scratch memory) for the process: the
+    bounded-memory k-means builds an index every iteration, and new resources each time would
+    allocate them again (100 times in the paper settings)."""
+    return faiss.StandardGpuResources()
+
+
 def _flat_index(centroids: np.ndarray) -> faiss.Index:
-    """Exact L2 index over the centroids, on the GPU(s) when faiss has them (as faiss.Kmeans)."""
+    """Exact L2 index over the centroids, on the first GPU when faiss has one. K centroids
+    searched by streamed chunks of crops: what bounds a pass is reading the crops, not the GPU."""
     index = faiss.IndexFlatL2(centroids.shape[1])
     if faiss_uses_gpu():
-        index = faiss.index_cpu_to_all_gpus(index)
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index
 

@@ -26,16 +26,23 @@ def resolve_device(name: str = "auto") -> "torch.device":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
+        raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        import os
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(f"device {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                           f"device(s){f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; "
+                           "use 'cuda' or 'auto' (a dask worker with compute.gpus sees only its own GPU, as cuda:0)")
     return device
 
 
-def autocast(device: "torch.device") -> contextlib.AbstractContextManager:
+def autocast(device: "torch.device | str") -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (the frozen backbone's matmuls dominate); full precision on CPU,
     where bf16 is slower on most processors."""
     import torch
 
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -106,6 +113,16 @@ class LogProgress:
         log(f"{self.desc}: {done} {self.unit} ({rate:.1f} {self.unit}/s{left})"
             + (f" {self.postfix}" if self.postfix else ""))
         self.last, self.logged, self.logged_n = now, True, self.n
+
+
+def to_device(tensor: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
+    """A CPU tensor (random draws, indices, boxes) on ``device`` without making the host wait:
+    on CUDA through pinned memory, asynchronously. A plain ``.to("cuda")`` from pageable memory
+    first waits for all the work queued on the GPU, so a few per training step would keep the
+    CPU from ever running ahead of it."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def decode_threads() -> int:

@@ -102,3 +102,17 @@ def test_training_loader_workers_run_at_the_lowest_priority():
     batches = GlobalBatches(2, config, Ranks())
     batches.order = [0, 1]
     assert [int(b) for b in _loader(Niceness(), config, batches, torch.device("cpu"))] == [19, 19]
+
+
+def test_a_cuda_index_the_process_does_not_see_is_refused_with_what_it_sees(monkeypatch):
+    import torch
+
+    from pipeline.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match=r"'cuda:3' was asked for but torch sees 1 CUDA device\(s\) "
+                                           r"\(CUDA_VISIBLE_DEVICES=5\)"):
+        resolve_device("cuda:3")

@@ -15,6 +15,7 @@ from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from pipeline.config import TrainConfig
 from pipeline.data.images import to_float_images
+from pipeline.runtime import to_device
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
@@ -65,12 +66,14 @@ def crop_and_resize(
     """
     b, _, height, width = images.shape
     h, w = cams.shape[-2:]
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
-    batch_idx = torch.arange(b, device=images.device, dtype=torch.float32)[:, None]
-    img_rois = torch.cat([batch_idx, boxes], dim=1)
+    boxes = boxes.to(dtype=torch.float32)
+    batch_idx = torch.arange(b, device=boxes.device, dtype=torch.float32)[:, None]
     # Separate x / y scales: roi_align has one spatial_scale, CAM grids need not be square.
-    cam_scale = torch.tensor([w / width, h / height, w / width, h / height], device=images.device)
-    cam_rois = torch.cat([batch_idx, boxes * cam_scale], dim=1)
+    cam_scale = torch.tensor([w / width, h / height, w / width, h / height], device=boxes.device)
+    # both sets of boxes made where they were drawn (the CPU) and moved in one copy
+    rois = to_device(torch.stack([torch.cat([batch_idx, boxes], dim=1),
+                                  torch.cat([batch_idx, boxes * cam_scale], dim=1)]), images.device)
+    img_rois, cam_rois = rois[0], rois[1]
     # 2x2 samples per output pixel anti-alias the image; for the coarse CAM grid the
     # reference's adaptive count (ceil(bin size)) avoids sampling past edge cell centres.
     out = roi_align(images.float(), img_rois, out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
@@ -91,7 +94,7 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     """Per-sample separable Gaussian blur with reflect padding. x (N, C, H, W), sigma (N,)."""
     n, c, height, width = x.shape
     r = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
-    k1d = torch.exp(-0.5 * (r[None] / sigma[:, None].to(x)) ** 2)
+    k1d = torch.exp(-0.5 * (r[None] / to_device(sigma, x.device).to(x.dtype)[:, None]) ** 2)
     k1d = (k1d / k1d.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, k)
     pad = kernel // 2
     y = F.pad(x.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
@@ -144,8 +147,9 @@ def photometric_augment(images: Tensor, config: TrainConfig, generator: torch.Ge
     # The masks live on the CPU (drawn from the CPU generator): any() costs no device sync.
     if jit.any():
         idx = jit.nonzero().squeeze(1)
-        x = out[idx.to(out.device)]
-        f = factors[idx].to(x.device, x.dtype)[:, :, None, None, None]
+        on_device = to_device(idx, out.device)
+        x = out[on_device]
+        f = to_device(factors[idx], x.device).to(x.dtype)[:, :, None, None, None]
         for op in order:
             if op == 0:
                 x = (x * f[:, 0]).clamp_(0, 1)
@@ -156,15 +160,16 @@ def photometric_augment(images: Tensor, config: TrainConfig, generator: torch.Ge
             else:
                 x = adjust_hue(x, f[:, 3, 0, 0, 0])
         out = out.clone()
-        out[idx.to(out.device)] = x
+        out[on_device] = x
     if gray.any():
-        idx = gray.nonzero().squeeze(1).to(out.device)
+        idx = to_device(gray.nonzero().squeeze(1), out.device)
         out = out.clone() if out is images else out
         out[idx] = _gray(out[idx]).expand(-1, 3, -1, -1)
     if blur.any():
         idx = blur.nonzero().squeeze(1)
+        on_device = to_device(idx, out.device)
         out = out.clone() if out is images else out
-        out[idx.to(out.device)] = _gaussian_blur(out[idx.to(out.device)], sigma[idx], config.blur_kernel)
+        out[on_device] = _gaussian_blur(out[on_device], sigma[idx], config.blur_kernel)
     return out
 
 
@@ -202,7 +207,7 @@ def augment_batch(
     boxes = sample_crop_boxes(n, (height, width), config.crop_scale, generator, config.crop_scale_step)[part]
     images, cams = crop_and_resize(images, cams, boxes, (out_h, out_w), (out_h // patch_size, out_w // patch_size))
     if config.hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5)[part].to(images.device)[:, None, None, None]
+        flip = to_device((torch.rand(n, generator=generator) < 0.5)[part], images.device)[:, None, None, None]
         images = torch.where(flip, images.flip(-1), images)
         cams = torch.where(flip, cams.flip(-1), cams)
     return images, cams

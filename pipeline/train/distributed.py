@@ -53,21 +53,28 @@ def setup(device_name: str) -> tuple[Ranks, torch.device]:
     """Join the process group when torchrun started this process (once per process; later calls
     reuse it) and pick this rank's device.
 
-    Returns: (ranks, device): ``cuda:LOCAL_RANK`` for a CUDA run of several processes, else
-    ``resolve_device(device_name)``.
+    Returns: (ranks, device): ``cuda:LOCAL_RANK`` for a CUDA run of several processes (``cuda:0``
+    where each process sees one GPU), else ``resolve_device(device_name)``.
     """
     ranks = ranks_from_env()
     device = resolve_device(device_name)
     if not ranks.enabled:
         return ranks, device
     if device.type == "cuda":
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise InputError(None, f"LOCAL_RANK {ranks.local_rank} but torch sees {torch.cuda.device_count()} "
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            index = 0          # a launcher that gives each rank its own GPU (srun --gpus-per-task=1)
+        elif ranks.local_rank < visible:
+            index = ranks.local_rank
+        else:
+            raise InputError(None, f"LOCAL_RANK {ranks.local_rank} but torch sees {visible} "
                                    f"GPU(s): start at most that many processes per node (--nproc_per_node)")
-        device = torch.device("cuda", ranks.local_rank)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        # device_id binds NCCL to this rank's GPU (barriers then know it, without a warning)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
+                                **({"device_id": device} if device.type == "cuda" else {}))
     if dist.get_world_size() != ranks.world_size:
         raise RuntimeError(f"process group of {dist.get_world_size()} processes, WORLD_SIZE {ranks.world_size}")
     return ranks, device

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.cam import normalize_cams
+from pipeline.runtime import to_device
 
 
 def pseudo_targets(cams_norm: Tensor, teacher_logits: Tensor | None = None, teacher_mix: float = 0.5) -> tuple[Tensor, Tensor]:
@@ -80,5 +81,5 @@ def diversity_loss(class_embeddings: Tensor) -> Tensor:
 def peer_loss(logits: Tensor, scores: Tensor, alpha: float, generator: torch.Generator) -> Tensor:
     """alpha x CE against a target whose classes are randomly relabelled (one permutation
     per batch): it penalises fitting noise confidently. logits, scores (B, K, h, w)."""
-    perm = torch.randperm(scores.shape[1], generator=generator).to(logits.device)
+    perm = to_device(torch.randperm(scores.shape[1], generator=generator), logits.device)
     return alpha * F.cross_entropy(logits, scores[:, perm].argmax(dim=1))

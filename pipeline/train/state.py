@@ -3,7 +3,8 @@
 :class:`TrainState` holds the student and teacher decoders, the student's initial
 weights (what a teacher update resets it to), the optimiser, the epoch counters and the
 per-epoch history. ``state_dict()`` / ``load_state_dict()`` round-trip it exactly, so
-``last.pt`` resumes a run to the same bytes as an uninterrupted one. ``model.pt`` holds
+``last.pt`` resumes a run to the same bytes as an uninterrupted one on the CPU (on a GPU,
+some backward kernels add in a varying order: no two runs there are bit-identical). ``model.pt`` holds
 only the decoder that predicts, with what is needed to rebuild it.
 """
 from __future__ import annotations
@@ -158,7 +159,9 @@ def checkpoint_mismatch(path: Path, state: TrainState, identity: dict[str, Any])
 
     Returns (the checkpoint or None when unreadable, the reason)."""
     try:
-        ckpt = torch.load(path, map_location=next(state.student.parameters()).device, weights_only=True)
+        # on the CPU: load_state_dict moves each tensor where it belongs, and Adam's step counts
+        # must stay on the CPU (on the GPU every step would read them back: a sync per parameter)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is simply not resumable
         return None, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
