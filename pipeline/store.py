@@ -232,7 +232,7 @@ def open_features(path: str | Path, expected: dict | None = None, *, verify: boo
         root = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(path, f"not a readable Zarr group ({type(exc).__name__}: {exc}); "
-                         f"{_feature_repair(path)}") from None
+                         f"{_repair(path, 'features')}") from None
     if expected:
         check_provenance(path, dict(root.attrs), expected)
     if verify:
@@ -250,16 +250,17 @@ def open_features_of(config: Config) -> zarr.Group:
         verify=True)
 
 
-def _feature_repair(path: Path, damaged: Sequence[Path] = ()) -> str:
-    """How to repair the store at `path`. A file whose bytes are damaged may be hard-linked into
-    DVC's cache (.dvc/config: outputs are linked, not copied), in which case DVC's copy is the
-    same damaged file: `dvc checkout` would restore the damage, and the object must go first."""
+def _repair(path: Path, stage: str, damaged: Sequence[Path] = ()) -> str:
+    """How to repair the artifact at `path`, written by `stage`. A file whose bytes are damaged
+    may be hard-linked into DVC's cache (.dvc/config: outputs are linked, not copied), in which
+    case DVC's copy is the same damaged file: `dvc checkout` would restore the damage, and the
+    object must go first."""
     linked = [obj for obj in (_dvc_cache_object(f) for f in damaged) if obj is not None]
     if linked:
         return (f"DVC's cached copy is the same damaged file (a hard link): rm -f {' '.join(map(str, linked))} "
-                f"&& dvc repro -f -s features && dvc checkout --relink {path}")
+                f"&& dvc repro -f -s {stage} && dvc checkout --relink {path}")
     # --force: dvc checkout will not replace a modified output without it
-    return f"restore it: dvc checkout --force {path}, or rerun the features stage: dvc repro -f -s features"
+    return f"restore it: dvc checkout --force {path}, or rerun the {stage} stage: dvc repro -f -s {stage}"
 
 
 def _dvc_cache_object(file: Path) -> Path | None:
@@ -355,7 +356,7 @@ def verify_feature_store(path: str | Path, root: zarr.Group | None = None) -> No
                             f"{_file_names(array, missing, len(missing))}")
     if problems:
         raise InputError(path, "damaged feature store (a missing shard would be read as empty): "
-                         + "; ".join(problems) + f"; {_feature_repair(path)}")
+                         + "; ".join(problems) + f"; {_repair(path, 'features')}")
 
 
 def _store_folder(store: zarr.Group) -> Path:
@@ -400,7 +401,7 @@ def read_rows(store: zarr.Group, name: str, rows: int | slice | np.ndarray = sli
         raise InputError(path, f"array '{name}': shard{'s' if len(damaged) > 1 else ''} "
                          f"{_file_names(array, damaged, len(damaged))} "
                          f"cannot be decoded ({type(exc).__name__}: {first}); the store is damaged; "
-                         f"{_feature_repair(path, [path / name / _file_key(array, s) for s in damaged])}") from None
+                         f"{_repair(path, 'features', [path / name / _file_key(array, s) for s in damaged])}") from None
     if not absent_ok:
         _check_stored(store, name, rows, values)
     return values
@@ -476,24 +477,33 @@ def create_pseudolabel_file(
     cam_dtype (pseudolabels.cam_dtype): float32 | float16 | uint16, the last being each image's
     CAMs divided by their maximum in steps of 1/65535 (the step is `cam_scale`; read_cams undoes
     it): as small as float16, with 32 times finer steps near the maximum, where the argmax is
-    decided. Uncompressed: the size is known in advance (pipeline.plan), a read costs no decoding.
+    decided. Uncompressed: the size is known in advance (pipeline.plan), a read costs no decoding;
+    each chunk has a checksum, which read_cams and open_pseudolabels turn into an InputError.
     """
     if cam_dtype not in CAM_DTYPES:
         raise ValueError(f"cam_dtype must be one of {', '.join(CAM_DTYPES)}, got {cam_dtype!r}")
     h, w = grid
     n = len(image_ids)
     label_dtype = "uint8" if num_concepts < 255 else "uint16"
+    # fletcher32: a checksum per chunk (4 bytes), so that damaged bytes are an error when read,
+    # not CAMs that silently train on garbage (its blind spot, 16-bit words turned from 0x0000 to
+    # 0xffff or back, reads as NaN in float CAMs: read_cams refuses those too)
+    checked = {"fletcher32": True}
+    per_chunk = min(n, FLAG_CHUNK) or 1
     with h5py.File(path, "w") as handle:
-        handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype=cam_dtype, chunks=(1, num_concepts, h, w))
-        handle.create_dataset("cam_scale", shape=(n,), dtype="float32", fillvalue=1.0)
-        handle.create_dataset("label", shape=(n, h, w), dtype=label_dtype, chunks=(1, h, w))
+        handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype=cam_dtype, chunks=(1, num_concepts, h, w),
+                              **checked)
+        handle.create_dataset("cam_scale", shape=(n,), dtype="float32", fillvalue=1.0, chunks=(per_chunk,), **checked)
+        handle.create_dataset("label", shape=(n, h, w), dtype=label_dtype, chunks=(1, h, w), **checked)
         handle.create_dataset("image_id", data=np.array(image_ids, dtype=h5py.string_dtype()))
-        handle.create_dataset("done", shape=(n,), dtype="bool", fillvalue=False)
+        handle.create_dataset("done", shape=(n,), dtype="bool", fillvalue=False, chunks=(per_chunk,), **checked)
         for key, value in {**attrs, "cam_dtype": cam_dtype}.items():
             handle.attrs[key] = json.dumps(value, default=json_default)
 
 
 CAM_DTYPES = ("float32", "float16", "uint16")
+# images per chunk of pseudolabels.h5's per-image flags and scales (cam_scale, done)
+FLAG_CHUNK = 65536
 
 
 def encode_cams(cams: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -508,11 +518,37 @@ def encode_cams(cams: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_cams(handle: h5py.File, index: int) -> np.ndarray:
-    """The CAMs (K, h, w) float32 of image `index` of a pseudo-label file, whatever their stored dtype."""
-    cam = handle["cam"][index].astype(np.float32)
-    if "cam_scale" in handle:
-        cam *= handle["cam_scale"][index]
+    """The CAMs (K, h, w) float32 of image `index` of a pseudo-label file, whatever their stored dtype.
+
+    Raises:
+        InputError: naming the file and how to repair it, when the image's chunk fails its
+            checksum or holds values no CAM has (NaN, infinite: a file written before checksums).
+    """
+    try:
+        cam = handle["cam"][index].astype(np.float32)
+        if "cam_scale" in handle:
+            cam *= handle["cam_scale"][index]
+    except OSError as exc:
+        raise damaged_pseudolabels(handle.filename, f"image {index}'s CAMs cannot be read", exc) from None
+    if not np.isfinite(cam).all():
+        raise damaged_pseudolabels(handle.filename, f"image {index}'s CAMs hold NaN or infinite values")
     return cam
+
+
+def damaged_pseudolabels(path: str | Path, what: str, exc: BaseException | None = None) -> InputError:
+    """The error for a damaged pseudo-label file: what failed, and how to repair it."""
+    path = Path(path)
+    first = f" ({type(exc).__name__}: {str(exc).splitlines()[0]})" if exc is not None and str(exc) else ""
+    return InputError(path, f"{what}{first}; the file is damaged; {_repair(path, 'pseudolabels', [path])}")
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """A pseudo-label file opened read-only; a file HDF5 cannot open (truncated, overwritten) is an
+    InputError naming it and saying how to repair it."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise damaged_pseudolabels(path, "HDF5 cannot open it", exc) from None
 
 
 def read_h5_attrs(handle: h5py.File) -> dict:
@@ -524,7 +560,7 @@ def open_pseudolabels(path: str | Path, expected: dict | None = None) -> h5py.Fi
     path = Path(path)
     if not path.exists():
         raise InputError(path, "pseudo labels not found; run the pseudolabels stage first")
-    handle = h5py.File(path, "r")
+    handle = open_h5(path)
     if expected:
         try:
             check_provenance(path, read_h5_attrs(handle), expected)
@@ -597,5 +633,5 @@ class CamReader:
 
     def __call__(self, position: int) -> np.ndarray:
         if self._handle is None:
-            self._handle = h5py.File(self.path, "r")
+            self._handle = open_h5(self.path)
         return read_cams(self._handle, int(self.indices[position]))

@@ -237,3 +237,60 @@ def test_a_damaged_shard_hard_linked_into_dvc_cache_names_the_cached_object(conf
     message = str(info.value)
     assert f"rm -f {cached} && dvc repro -f -s features && dvc checkout --relink {store}" in message
     assert "dvc checkout --force" not in message
+
+
+# ----------------------------------------------------------------------------- pseudo-label file damage
+@pytest.fixture
+def labels(config, manifest, vit_tiny) -> Path:
+    """Intact pseudo labels of 2 concepts in `config`'s cache, and a training config that reads
+    every training image (batches of 1, one epoch)."""
+    concepts = _concepts(2, seed=0)
+    concepts.save(config.path("concepts"), {"backbone": vit_tiny.name, "weights_id": vit_tiny.weights_id})
+    path = write_pseudolabels(manifest, vit_tiny, concepts, config.pseudolabels, config.path("pseudolabels"),
+                              image_size=config.image_size, device=torch.device("cpu"),
+                              provenance={"backbone": vit_tiny.name, "weights_id": vit_tiny.weights_id,
+                                          "dataset": manifest.dataset}, show_progress=False)
+    config.train.epochs, config.train.batch_size, config.train.image_cache = 1, 1, False
+    return path
+
+
+def test_a_truncated_pseudolabel_file_is_named_with_its_repair(config, labels):
+    labels.write_bytes(labels.read_bytes()[:len(labels.read_bytes()) // 2])
+    with pytest.raises(InputError) as info:
+        train_stage(config)
+    message = str(info.value)
+    assert message.startswith(f"{labels}: HDF5 cannot open it (OSError: ")
+    assert f"the file is damaged; restore it: dvc checkout --force {labels}, or rerun the pseudolabels stage: " \
+           f"dvc repro -f -s pseudolabels" in message
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_overwritten_cam_bytes_fail_their_checksum_even_in_a_loader_worker(config, labels, workers):
+    import h5py
+
+    with h5py.File(labels, "r") as handle:
+        chunk = handle["cam"].id.get_chunk_info_by_coord((1, 0, 0, 0))
+    with open(labels, "r+b") as f:                # bytes changed behind HDF5's back, as a disk error would:
+        f.seek(chunk.byte_offset + 4)             # finite values, wrong (no NaN check would see them)
+        f.write(b"\x12\x34" * 4)
+    config.train.num_workers = workers
+    with pytest.raises(InputError) as info:      # an InputError (one line from the CLI), not a worker's traceback
+        train_stage(config)
+    message = str(info.value)
+    assert message.startswith(f"{labels}: image 1's CAMs cannot be read (OSError: ")
+    assert "the file is damaged" in message and "dvc repro -f -s pseudolabels" in message
+    assert not config.path("model").exists()
+
+
+def test_cams_without_checksums_that_hold_nan_are_refused(config, labels):
+    import h5py
+
+    from pipeline.store import CamReader
+
+    with h5py.File(labels, "r+") as handle:      # what an older file (no checksums) could hold after damage
+        cam = handle["cam"][2]
+        cam[0, 0, 0] = np.nan
+        handle["cam"][2] = cam
+    with pytest.raises(InputError, match=r"pseudolabels\.h5: image 2's CAMs hold NaN or infinite values; the file "
+                                         r"is damaged"):
+        CamReader(labels, [0, 1, 2])(2)

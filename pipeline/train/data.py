@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from pipeline.errors import InputError
 from pipeline.files import commit, fingerprint, partial_path, remove, write_json
@@ -46,7 +46,13 @@ class PseudoLabelDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int] | "SampleFailure":
+        try:
+            return self._item(index)
+        except InputError as exc:      # an unreadable image, a damaged CAM file: see SampleFailure
+            return SampleFailure(exc.path, exc.problem)
+
+    def _item(self, index: int) -> tuple[Tensor, Tensor, int]:
         img = np.asarray(self.read_image(index))
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"image {index}: expected (H, W, 3) uint8, got {img.shape} {img.dtype}")
@@ -56,6 +62,29 @@ class PseudoLabelDataset(Dataset):
         # np.require: a memory-mapped or PIL-backed array is read-only, torch.from_numpy warns
         return (torch.from_numpy(np.require(img, requirements=("C", "W"))),
                 torch.from_numpy(np.require(cam, requirements=("C", "W"))), index)
+
+
+class SampleFailure(NamedTuple):
+    """An InputError met while reading a sample, handed over as the batch instead of raised: a
+    DataLoader worker's exception reaches the main process as a RuntimeError holding the worker's
+    traceback as text, where the CLI shows an InputError as its one line (path: problem).
+    ``raise_if_failed`` raises it again in the main process."""
+
+    path: str | None
+    problem: str
+
+
+def collate_samples(samples: list) -> Any:
+    """DataLoader ``collate_fn``: the batch of ``samples``, or the first SampleFailure among them."""
+    failure = next((sample for sample in samples if isinstance(sample, SampleFailure)), None)
+    return failure if failure is not None else default_collate(samples)
+
+
+def raise_if_failed(batch: Any) -> Any:
+    """``batch`` as the loader gave it, or the InputError of a SampleFailure raised here."""
+    if isinstance(batch, SampleFailure):
+        raise InputError(batch.path, batch.problem)
+    return batch
 
 
 # ----------------------------------------------------------------------------- image cache

@@ -25,6 +25,7 @@ from pipeline.files import atomic_write
 from pipeline.runtime import autocast, progress, yield_to_compute
 from pipeline.train.augment import augment_batch
 from pipeline.train.curves import LOSS_TERMS
+from pipeline.train.data import collate_samples, raise_if_failed
 from pipeline.train.distributed import Ranks, all_sum, barrier, setup
 from pipeline.train.losses import crop_cam_scores, diversity_loss, peer_loss, pseudo_targets, uncertainty_loss
 from pipeline.train.schedule import epoch_seed, is_teacher_update_epoch, peer_alpha
@@ -121,7 +122,8 @@ def run_epoch(backbone: nn.Module, state: TrainState, loader: DataLoader, teache
     state.student.train()
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)   # terms x n, then n
     try:
-        for images, cams, _ in loader:
+        for batch in loader:
+            images, cams, _ = raise_if_failed(batch)
             if num_classes is not None and cams.shape[1] != num_classes:
                 raise ValueError(f"the CAMs have {cams.shape[1]} channels but num_classes={num_classes}")
             n = images.shape[0]
@@ -372,4 +374,4 @@ def _loader(dataset: Dataset, config: TrainConfig, batches: GlobalBatches, devic
     the lowest priority, taking the cycles the training step leaves (yield_to_compute)."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
                       persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
-                      worker_init_fn=yield_to_compute, generator=torch.Generator().manual_seed(int(config.seed)))
+                      worker_init_fn=yield_to_compute, collate_fn=collate_samples, generator=torch.Generator().manual_seed(int(config.seed)))
