@@ -19,7 +19,7 @@ import click  # noqa: E402
 
 from pipeline.config import load_config
 from pipeline.errors import InputError, ProvenanceError
-from pipeline.stages import STAGES, run_stage
+from pipeline.stages import STAGES, interrupted_message, run_stage
 
 params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="Parameters file.")
@@ -41,14 +41,15 @@ def _stage_command(name: str, help: str) -> click.Command:
     @params_option
     @set_option
     def command(params_path: str, overrides: tuple[str, ...]) -> None:
+        config = None
         try:
-            run_stage(name, load_config(params_path, overrides))
+            config = load_config(params_path, overrides)
+            run_stage(name, config)
         except (InputError, ProvenanceError) as exc:
             raise click.ClickException(f"stage '{name}': {exc}") from exc
         except KeyboardInterrupt:
-            click.echo(f"\nstage '{name}' interrupted: nothing looks complete, and what it finished is kept "
-                       f"(features, pseudolabels: a .partial; train: last.pt): run it again to resume", err=True)
-            raise click.Abort() from None
+            click.echo(f"\n{interrupted_message(name, config)}", err=True)
+            sys.exit(130)       # as a shell reports Ctrl-C (click.Abort would add "Aborted!")
     return click.command(name=name, help=help)(command)
 
 

@@ -45,6 +45,8 @@ class Stage:
         inputs: artifact names (pipeline.layout.ARTIFACTS) it reads.
         outputs: artifact names it writes.
         data_inputs, data_outputs: paths outside the cache, as params templates (``${data.root}``).
+        keeps: what an interrupted run keeps for the next to resume from, with ``{artifact}``
+            standing for an artifact's path (``interrupted_message``); "" when it keeps nothing.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Stage:
     outputs: tuple[str, ...] = ()
     data_inputs: tuple[str, ...] = ()
     data_outputs: tuple[str, ...] = ()
+    keeps: str = ""
 
     @property
     def module(self) -> str:
@@ -83,7 +86,7 @@ _declare(Stage(
 _declare(Stage(
     "features", "Embed every image (patch features, embedding, saliency) and the concept crops into Zarr.",
     "pipeline.features:features_stage", params=("backbone", "features", "data.train_split", "data.eval_split"),
-    inputs=("manifest",), outputs=("features",)))
+    inputs=("manifest",), outputs=("features",), keeps="the shards it finished, in {features}.partial"))
 _declare(Stage(
     "concepts", "Cluster the crop embeddings into concepts with FAISS k-means.",
     "pipeline.concepts:concepts_stage", params=("concepts", "backbone.name", "features", "data.train_split"),
@@ -91,13 +94,15 @@ _declare(Stage(
 _declare(Stage(
     "pseudolabels", "Compute one CAM per image per concept and write them to HDF5.",
     "pipeline.pseudolabels:pseudolabels_stage", params=("backbone", "features.image_size", "pseudolabels"),
-    inputs=("manifest", "concepts"), outputs=("pseudolabels",)))
+    inputs=("manifest", "concepts"), outputs=("pseudolabels",),
+    keeps="the images it finished, in {pseudolabels}.partial"))
 _declare(Stage(
     "train", "Train the mask-transformer decoder on the frozen backbone from the pseudo labels.",
     "pipeline.train.stage:train_stage",
     params=("backbone", "features.image_size", "data.train_split", "pseudolabels.background",
             "pseudolabels.background_threshold", "train"),
-    inputs=("manifest", "concepts", "pseudolabels"), outputs=("model", "train_log", "train_curves", "checkpoint")))
+    inputs=("manifest", "concepts", "pseudolabels"), outputs=("model", "train_log", "train_curves", "checkpoint"),
+    keeps="the epochs it finished, in {checkpoint}"))
 _declare(Stage(
     "evaluate", "Score the model, the pseudo labels and the bottom-up baseline on the evaluation split.",
     "pipeline.evaluate:evaluate_stage",
@@ -116,6 +121,18 @@ PLOTS = [
     f"{CACHE_DIR}/{ARTIFACTS['train_curves'].path}",
     *[f"{CACHE_DIR}/{ARTIFACTS['plots'].path}/confusion_{row}.png" for row in ("model", "pseudo_labels", "bottom_up")],
 ]
+
+
+def interrupted_message(name: str, config: "Config | None") -> str:
+    """What the CLI says when stage ``name`` is interrupted (Ctrl-C): what is kept, and how to go on
+    (``config`` None: interrupted while reading its parameters)."""
+    stage = STAGES.get(name)
+    if config is None:
+        return f"stage '{name}' interrupted before it started"
+    if not stage.keeps:
+        return f"stage '{name}' interrupted: it wrote nothing under its outputs' names; run it again to start over"
+    kept = stage.keeps.format(**{artifact: config.path(artifact) for artifact in ARTIFACTS})
+    return f"stage '{name}' interrupted; kept for the next run to resume from: {kept}"
 
 
 def run_stage(name: str, config: "Config") -> None:

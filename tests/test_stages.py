@@ -101,3 +101,21 @@ def test_no_import_cycles_in_the_project():
             visit(module, [])
     assert "pipeline.data.readers" in edges["pipeline.data.images"] or \
         "pipeline.data.images" in edges["pipeline.data.readers"]     # the graph is really read
+
+
+@pytest.mark.parametrize("name", STAGES.names())
+def test_an_interrupted_stage_says_what_it_keeps_and_exits_as_ctrl_c(name, tmp_path, monkeypatch):
+    def interrupted(stage, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.cli.run_stage", interrupted)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"cache": str(tmp_path / "cache")}))
+    result = CliRunner().invoke(main, [name, "--params", str(params)])
+    assert result.exit_code == 130
+    kept = {"features": f"the shards it finished, in {tmp_path / 'cache' / 'features.zarr'}.partial",
+            "pseudolabels": f"the images it finished, in {tmp_path / 'cache' / 'pseudolabels.h5'}.partial",
+            "train": f"the epochs it finished, in {tmp_path / 'cache' / 'model' / 'last.pt'}"}
+    expected = (f"stage '{name}' interrupted; kept for the next run to resume from: {kept[name]}" if name in kept
+                else f"stage '{name}' interrupted: it wrote nothing under its outputs' names; run it again to start over")
+    assert result.output.strip().splitlines() == [expected]
