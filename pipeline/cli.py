@@ -204,7 +204,7 @@ def plan_command(setting: str | None, images: int | None, eval_images: int | Non
                                         f"setting {setting}")
         else:
             config = load_config(params_path, overrides)
-        manifest = None
+        manifest, source = None, ""
         existing = config.path("manifest") if config.path("manifest").exists() else None
         if images is None:
             if existing is None:
@@ -217,17 +217,18 @@ def plan_command(setting: str | None, images: int | None, eval_images: int | Non
             if eval_images is None:
                 # the published split of the setting, else the evaluation share of this project's manifest
                 if config.setting in EVAL_IMAGES:
-                    eval_images = EVAL_IMAGES[config.setting]
+                    eval_images, source = EVAL_IMAGES[config.setting], "the published split"
                 elif existing is not None and not setting:
                     records = Manifest.load(existing).records
                     share = sum(r.split == config.data.eval_split for r in records) / max(len(records), 1)
-                    eval_images = round(images * share)
+                    eval_images, source = round(images * share), "this project's share"
                 else:
-                    eval_images = 0
-                click.echo(f"(--eval-images {eval_images})", err=True)
+                    eval_images, source = 0, "none known"
             if not 0 <= eval_images <= images:
                 raise InputError(None, f"--eval-images must be between 0 and --images ({images}), got {eval_images}")
         result = plan(config, n_images=images, n_eval=eval_images, manifest=manifest)
+        if images is not None and source:
+            result["eval_images_source"] = f"{source}; --eval-images to change"
     except (InputError, ProvenanceError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(result, indent=1) if as_json else format_plan(result))

@@ -226,7 +226,8 @@ def plan(config: Config, *, n_images: int | None = None, n_eval: int | None = No
 def format_plan(result: dict) -> str:
     """The plan as a table for a terminal, in GB (10^9 bytes, as disks are sold)."""
     gb = 1e9
-    lines = [f"setting {result['setting']}: {result['images']:,} images ({result['eval_images']:,} evaluation)",
+    source = f": {result['eval_images_source']}" if result.get("eval_images_source") else ""
+    lines = [f"setting {result['setting']}: {result['images']:,} images ({result['eval_images']:,} evaluation{source})",
              f"{'artifact':<14}{'GB':>10}{'files':>10}  path"]
     for a in result["artifacts"]:
         lines.append(f"{a['name']:<14}{a['bytes'] / gb:>10.2f}{a['files']:>10,}  {a['path']}")

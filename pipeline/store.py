@@ -150,8 +150,9 @@ FEATURE_ARRAYS = tuple(feature_arrays((1, 1), 1, 1, 1))
 
 def samples_per_image(total: int, n_images: int, grid: tuple[int, int]) -> int:
     """Bottom-up sample per image of the crop split: `total` (features.bottom_up_samples)
-    spread evenly, at least 1, at most every patch."""
-    return max(1, min(grid[0] * grid[1], total // max(n_images, 1)))
+    spread evenly, rounded up (at least `total` in all: 2 per image for 200,000 over COCO's
+    118,287, where rounding down would give 118,287), at most every patch."""
+    return max(1, min(grid[0] * grid[1], -(-total // max(n_images, 1))))
 
 
 def image_members(manifest_splits: Sequence[str], eval_split: str, crop_split: str) -> dict[str, np.ndarray]:
