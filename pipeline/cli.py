@@ -122,6 +122,14 @@ def predict_command(inputs: tuple[str, ...], out_dir: str, cache_dir: str, weigh
     from pipeline.predict import collect_images, predict_images
     from pipeline.runtime import resolve_device
 
+    from pathlib import Path
+
+    out = Path(out_dir).resolve()
+    for folder in (Path(i).resolve() for i in inputs if Path(i).is_dir()):
+        if out == folder or folder in out.parents:
+            click.echo(f"note: --out {out_dir} is inside the image folder {folder}: the PNGs and overlays written "
+                       f"there count as images of that folder from now on (a dataset's folder: its prepare "
+                       f"stage reruns); a folder beside it avoids that", err=True)
     try:
         images = collect_images(inputs, recursive=recursive)
         with open_artifacts(cache_dir, weights=weights, device=str(resolve_device(device))) as art:

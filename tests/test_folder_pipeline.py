@@ -103,3 +103,13 @@ def test_predict_never_overwrites_the_input_images(run, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(tmp_path), "--out", str(tmp_path), "--cache", str(tmp / "cache")])
     assert result.exit_code == 1 and f"{photo}: is one of the input images" in result.output
     assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_predict_into_a_subfolder_of_the_images_says_what_that_does(run, tmp_path):
+    tmp, _ = run
+    Image.fromarray(np.full((20, 30, 3), 120, dtype=np.uint8)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(main, ["predict", str(tmp_path), "--out", str(tmp_path / "pred"),
+                                       "--cache", str(tmp / "cache")])
+    assert result.exit_code == 0, result.output
+    assert f"note: --out {tmp_path / 'pred'} is inside the image folder {tmp_path.resolve()}" in result.output
+    assert (tmp_path / "pred" / "a.png").exists()
