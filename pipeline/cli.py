@@ -118,11 +118,11 @@ def metrics_command(cache_dir: str) -> None:
 def predict_command(inputs: tuple[str, ...], out_dir: str, cache_dir: str, weights: str | None, recursive: bool,
                     device: str) -> None:
     """Segment any images with the trained model: label PNGs and colour overlays."""
+    from pathlib import Path
+
     from pipeline.artifacts import open_artifacts
     from pipeline.predict import collect_images, predict_images
     from pipeline.runtime import resolve_device
-
-    from pathlib import Path
 
     out = Path(out_dir).resolve()
     for folder in (Path(i).resolve() for i in inputs if Path(i).is_dir()):

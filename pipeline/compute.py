@@ -130,10 +130,18 @@ class StageShards:
         return manifest, backbone, device
 
 
-def shard_inputs(manifest: Any, backbone: Any, backbone_config: Any, device: Any) -> dict:
-    """The StageShards fields of a stage holding `manifest` (loaded from a file) and `backbone`."""
+def shard_inputs(manifest: Any, backbone: Any, backbone_config: Any, device: Any,
+                 compute: "ComputeConfig | Client | None") -> dict:
+    """The StageShards fields of a stage holding `manifest` (loaded from a file) and `backbone`.
+
+    When the shards run in this process (runs_in_process(compute)) the backbone goes to its
+    device now; for a dask run it stays where it is and `device` is resolved by each worker."""
     from pathlib import Path
 
+    if runs_in_process(compute):
+        from pipeline.runtime import resolve_device
+
+        backbone.to(resolve_device(str(device))).eval()
     return {"manifest_path": str(Path(manifest.path).resolve()) if manifest.path else None,
             "project_dir": str(manifest.project_dir or Path.cwd()), "backbone_config": backbone_config,
             "weights_id": backbone.weights_id, "device": str(device), "manifest": manifest, "backbone": backbone}

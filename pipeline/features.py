@@ -29,12 +29,12 @@ import zarr
 from torchvision.ops import roi_align
 
 from pipeline.backbones import Backbone, backbone_from_config
-from pipeline.compute import StageShards, run_shards, runs_in_process, shard_inputs, shard_progress
+from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progress
 from pipeline.config import BackboneConfig, ComputeConfig, Config, FeaturesConfig
 from pipeline.errors import InputError
 from pipeline.data import Manifest, resize_image, stack_images, to_float_images
 from pipeline.files import commit, fingerprint, partial_path, resume_or_restart
-from pipeline.runtime import autocast, log, prefetched_batches, resolve_device
+from pipeline.runtime import autocast, log, prefetched_batches
 from pipeline.store import (CROP_KINDS, ShardLog, check_provenance, create_feature_store, feature_arrays,
                             image_members, samples_per_image, shards)
 
@@ -358,12 +358,11 @@ def extract_features(manifest: Manifest, backbone: Backbone, cfg: FeaturesConfig
                                                                  attrs), "features", log):
         log_dir.clear()
         new_feature_store(partial, manifest, cfg, layout, attrs)
-    if runs_in_process(compute):
-        backbone.to(resolve_device(str(device))).eval()
     todo = [(a, b) for a, b in shards(len(manifest.records), cfg.chunk_images) if not log_dir.done(a, b)]
     skipped = len(manifest.records) - sum(b - a for a, b in todo)
-    work = FeatureShards(store=str(partial), **shard_inputs(manifest, backbone, backbone_config, device), cfg=cfg,
-                         crop_split=attrs["crop_split"], eval_split=attrs["eval_split"], batch_size=batch_size)
+    work = FeatureShards(store=str(partial), **shard_inputs(manifest, backbone, backbone_config, device, compute),
+                         cfg=cfg, crop_split=attrs["crop_split"], eval_split=attrs["eval_split"],
+                         batch_size=batch_size)
     tic = time.perf_counter()
     run_shards(todo, work, compute=compute, on_result=lambda shard, _: log_dir.mark(*shard), desc="features",
                total=len(manifest.records), done=skipped, show_progress=show_progress)

@@ -19,11 +19,11 @@ import torch
 from pipeline.backbones import Backbone, backbone_from_config
 from pipeline.cam import add_background_channel, cams_to_labels, compute_cams
 from pipeline.concepts import Concepts
-from pipeline.compute import StageShards, run_shards, runs_in_process, shard_inputs, shard_progress
+from pipeline.compute import StageShards, run_shards, shard_inputs, shard_progress
 from pipeline.config import BackboneConfig, ComputeConfig, Config, PseudoLabelsConfig
 from pipeline.data import Manifest, stack_images, to_float_images
 from pipeline.files import commit, partial_path, resume_or_restart
-from pipeline.runtime import log, prefetched_batches, resolve_device
+from pipeline.runtime import log, prefetched_batches
 from pipeline.store import (check_provenance, create_pseudolabel_file, encode_cams, pseudolabel_provenance,
                             read_h5_attrs)
 
@@ -99,9 +99,7 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
         create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs,
                                 cam_dtype=cfg.cam_dtype)
 
-    if runs_in_process(compute):
-        backbone.to(resolve_device(str(device))).eval()
-    work = CamShards(**shard_inputs(manifest, backbone, backbone_config, device),
+    work = CamShards(**shard_inputs(manifest, backbone, backbone_config, device, compute),
                      centroids=np.asarray(concepts.centroids, dtype=np.float32), cfg=cfg,
                      image_size=tuple(int(v) for v in image_size))
     tic = time.perf_counter()

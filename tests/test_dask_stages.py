@@ -7,6 +7,7 @@ stage's own thread count (compute.torch_threads: null)."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -53,8 +54,9 @@ def test_dask_run_equals_the_in_process_run(tmp_path, monkeypatch):
     def resolved_on_the_client(name):
         raise AssertionError(f"device {name!r} resolved in the stage's own process")
 
-    monkeypatch.setattr("pipeline.features.resolve_device", resolved_on_the_client)
-    monkeypatch.setattr("pipeline.pseudolabels.resolve_device", resolved_on_the_client)
+    for module in [m for name, m in sys.modules.items() if name.split(".")[0] == "pipeline"]:
+        if hasattr(module, "resolve_device"):       # wherever a module holds the function
+            monkeypatch.setattr(module, "resolve_device", resolved_on_the_client)
     features_stage(dask)
     pseudolabels_stage(dask)
 
