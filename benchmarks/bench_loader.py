@@ -52,7 +52,7 @@ from pipeline.store import CamReader, create_pseudolabel_file, encode_cams
 
 CAM_DTYPE = SETTINGS.get("cocostuff27").params()["pseudolabels"]["cam_dtype"]
 from pipeline.train.augment import augment_batch
-from pipeline.train.data import PseudoLabelDataset, build_image_cache
+from pipeline.train.data import PseudoLabelDataset, build_image_cache, collate_samples, raise_if_failed
 from pipeline.train.distributed import Ranks
 from pipeline.train.loop import GlobalBatches
 
@@ -135,14 +135,15 @@ def main() -> None:
         def through_loader(read_image: Callable[[int], np.ndarray], augment: bool) -> Callable[[], int]:
             dataset = PseudoLabelDataset(read_image, CamReader(labels, list(range(n))), n)
             batches = GlobalBatches(n, config, Ranks())
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=0,
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate_samples,
                                 generator=torch.Generator().manual_seed(0))
 
             def run() -> int:
                 generator = torch.Generator().manual_seed(0)
                 batches.order = torch.randperm(n, generator=generator).tolist()
                 done = 0
-                for images, cams, _ in loader:
+                for batch in loader:
+                    images, cams, _ = raise_if_failed(batch)
                     if augment:
                         augment_batch(images, cams.float(), config, args.patch, generator)
                     done += images.shape[0]

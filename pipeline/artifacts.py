@@ -310,11 +310,11 @@ class Artifacts:
 
     def pseudolabels(self, key: ImageKey) -> tuple[np.ndarray, np.ndarray]:
         """(cam (K, h, w) float32, label (h, w) concept ids) of one image, read from HDF5."""
-        from pipeline.store import read_cams
+        from pipeline.store import read_cams, read_label
 
         handle = self._pseudolabel_file()
         row = self.pseudolabel_row(key)
-        return read_cams(handle, row), handle["label"][row]
+        return read_cams(handle, row), read_label(handle, row)
 
     def pseudolabel_scores(self, key: ImageKey):
         """Min-max normalised CAMs (K, h, w) torch float32: the pseudo labels as scores, exactly

@@ -126,7 +126,7 @@ def predict_command(inputs: tuple[str, ...], out_dir: str, cache_dir: str, weigh
 
     out = Path(out_dir).resolve()
     for folder in (Path(i).resolve() for i in inputs if Path(i).is_dir()):
-        if out == folder or folder in out.parents:
+        if folder in out.parents:        # --out the folder itself is refused below
             click.echo(f"note: --out {out_dir} is inside the image folder {folder}: the PNGs and overlays written "
                        f"there count as images of that folder from now on (a dataset's folder: its prepare "
                        f"stage reruns); a folder beside it avoids that", err=True)

@@ -13,6 +13,7 @@ results are those of the in-process run (tests/test_compute.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 import numbers
 import os
 import pickle
@@ -458,8 +459,10 @@ def cluster(compute: ComputeConfig) -> Iterator["Client"]:
             yield client
         return
     started = slurm_cluster(compute) if compute.cluster == "slurm" else local_cluster(compute)
+    logger = logging.getLogger("distributed")
+    level = logger.level
     try:
-        with _quiet_when_interrupted(), Client(started) as client:
+        with Client(started) as client:
             if compute.cluster == "slurm":
                 started.scale(jobs=compute.jobqueue.jobs)
                 log(f"compute: asked SLURM for {compute.jobqueue.jobs} job(s) of {_slurm_processes(compute)} "
@@ -468,8 +471,15 @@ def cluster(compute: ComputeConfig) -> Iterator["Client"]:
                 log(f"compute: local dask cluster of {compute.workers} worker process(es) "
                     f"(dashboard {started.dashboard_link})")
             yield client
+    except KeyboardInterrupt:
+        # the closing cluster's own warnings (workers busy in a shard are killed after a few
+        # seconds: "Worker process still alive ..., killing") are not shown: the stage's one
+        # message says what was kept
+        logger.setLevel(logging.ERROR)
+        raise
     finally:
         started.close()
+        logger.setLevel(level)
 
 
 def local_cluster(compute: ComputeConfig) -> Any:
@@ -494,25 +504,10 @@ def dask_setup(worker: Any) -> None:
     cancels ("Async instruction ... ended with CancelledError", the only warning that logger
     has) is dropped.
     """
-    import logging
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def _quiet_when_interrupted() -> Iterator[None]:
-    """On Ctrl-C, the closing cluster's own warnings (workers busy in a shard are killed after a
-    few seconds: "Worker process still alive ..., killing") are not shown: the stage's one
-    message says what was kept."""
-    import logging
-
-    try:
-        yield
-    except KeyboardInterrupt:
-        logging.getLogger("distributed").setLevel(logging.ERROR)
-        raise
 
 
 def _slurm_processes(compute: ComputeConfig) -> int:

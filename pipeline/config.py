@@ -71,9 +71,9 @@ class FeaturesConfig:
     foreground: str = "upsampled"
     # Images per shard of the store: one file per array per shard, the unit of work and of resume.
     chunk_images: int = 64
-    # Training-split patch vectors kept for the bottom-up baseline's k-means, at most (spread
-    # evenly over the images, seeded by image): patch features are stored whole for the
-    # evaluation split only, as nothing else reads them.
+    # Training-split patch vectors kept for the bottom-up baseline's k-means: at least this many
+    # (the same number from each image, rounded up, seeded by image), unless every patch is
+    # fewer: patch features are stored whole for the evaluation split only, as nothing else reads them.
     bottom_up_samples: int = 200_000
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ upsampled to the concept scale, rather than from a second forward pass at 2x: at
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -215,64 +216,66 @@ def write_feature_shard(root: zarr.Group, manifest: Manifest, start: int, stop: 
 
     # the next batches are decoded and resized while this one runs through the backbone
     batches = [range(b0, min(b0 + batch_size, stop)) for b0 in starts]
-    for b0, loaded in zip(starts, prefetched_batches(batches, load)):
-        # uint8 to the device: a quarter of float32's bytes
-        images = stack_images([image for image, _ in loaded])
-        crop_images = [concept for _, concept in loaded if concept is not None]
-        concept = stack_images(crop_images) if crop_images else None
-        b1 = min(b0 + batch_size, stop)
-        local = slice(b0 - start, b1 - start)
-        images = to_float_images(images.to(device))
-        with torch.no_grad(), autocast(device):
-            out = backbone(images)
-        patch = out.patch.float().cpu().numpy().astype(np.float16)
-        blocks["embedding"][local] = out.embedding.float().cpu().numpy()
-        blocks["saliency"][local] = out.saliency.float().cpu().numpy().astype(np.float16)
-        for j in range(b1 - b0):
-            position = b0 - start + j
-            if holds["eval"][position]:
-                blocks["patch"][position] = patch[j]
-            if holds["crops"][position]:
-                blocks["patch_sample"][position * n_samples:(position + 1) * n_samples] = \
-                    bottom_up_sample(patch[j], b0 + j, n_samples)
+    # closing: an error's traceback (kept by dask) must not keep the pool's threads alive
+    with contextlib.closing(prefetched_batches(batches, load)) as loaded_batches:
+        for b0, loaded in zip(starts, loaded_batches):
+            # uint8 to the device: a quarter of float32's bytes
+            images = stack_images([image for image, _ in loaded])
+            crop_images = [concept for _, concept in loaded if concept is not None]
+            concept = stack_images(crop_images) if crop_images else None
+            b1 = min(b0 + batch_size, stop)
+            local = slice(b0 - start, b1 - start)
+            images = to_float_images(images.to(device))
+            with torch.no_grad(), autocast(device):
+                out = backbone(images)
+            patch = out.patch.float().cpu().numpy().astype(np.float16)
+            blocks["embedding"][local] = out.embedding.float().cpu().numpy()
+            blocks["saliency"][local] = out.saliency.float().cpu().numpy().astype(np.float16)
+            for j in range(b1 - b0):
+                position = b0 - start + j
+                if holds["eval"][position]:
+                    blocks["patch"][position] = patch[j]
+                if holds["crops"][position]:
+                    blocks["patch_sample"][position * n_samples:(position + 1) * n_samples] = \
+                        bottom_up_sample(patch[j], b0 + j, n_samples)
 
-        with_crops = [j for j in range(b1 - b0) if holds["crops"][b0 - start + j]]
-        if with_crops and n_windows:
-            concept = to_float_images(concept.to(device))
-            if cfg.foreground == "concept_scale":      # one more pass, at the scale the crops come from
-                with torch.no_grad(), autocast(device):
-                    saliency = backbone(concept).saliency
-                fg = foreground_mask(saliency, layout.concept_size, threshold_first=True).cpu().numpy()
-            else:
-                fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
-            kinds, owners, boxes = [], [], []
-            for local_index, j in enumerate(with_crops):
-                kind, _ = classify_windows(fg[local_index], layout.windows, cfg.thing_fraction, cfg.stuff_fraction)
-                if "all" in cfg.pools:
-                    kind = np.full_like(kind, CROP_KINDS["all"])
-                keep = np.isin(kind, list(pools))
-                kinds.append(np.where(keep, kind, CROP_KINDS["none"]).astype(np.uint8))
-                owners.append(np.full(int(keep.sum()), local_index))
-                boxes.append(layout.windows[keep])
-            embeddings = embed_crops(backbone, concept, torch.from_numpy(np.concatenate(boxes)),
-                                     torch.from_numpy(np.concatenate(owners)), cfg.crop_size,
-                                     batch_size * 4, device).numpy()
-            if np.abs(embeddings).max(initial=0) > np.finfo(np.float16).max:
-                raise InputError(None, f"crop embeddings of images {b0}..{b1 - 1} exceed float16's range "
-                                       f"(65504), in which the feature store holds them: this backbone's "
-                                       f"embeddings are not those of a normalised network")
-            embeddings = embeddings.astype(np.float16)
-            offset = 0
-            for local_index, j in enumerate(with_crops):
-                rows = slice((b0 - start + j) * n_windows, (b0 - start + j + 1) * n_windows)
-                keep = kinds[local_index] != CROP_KINDS["none"]
-                block = np.zeros((n_windows, layout.dim), dtype=np.float16)   # windows of no pool: zeros
-                block[keep] = embeddings[offset:offset + keep.sum()]
-                offset += int(keep.sum())
-                blocks["crops/embedding"][rows] = block
-                blocks["crops/kind"][rows] = kinds[local_index]
-        if on_batch is not None:
-            on_batch(b1 - b0)
+            with_crops = [j for j in range(b1 - b0) if holds["crops"][b0 - start + j]]
+            if with_crops and n_windows:
+                concept = to_float_images(concept.to(device))
+                if cfg.foreground == "concept_scale":      # one more pass, at the scale the crops come from
+                    with torch.no_grad(), autocast(device):
+                        saliency = backbone(concept).saliency
+                    fg = foreground_mask(saliency, layout.concept_size, threshold_first=True).cpu().numpy()
+                else:
+                    fg = foreground_mask(out.saliency[with_crops], layout.concept_size).cpu().numpy()
+                kinds, owners, boxes = [], [], []
+                for local_index, j in enumerate(with_crops):
+                    kind, _ = classify_windows(fg[local_index], layout.windows, cfg.thing_fraction, cfg.stuff_fraction)
+                    if "all" in cfg.pools:
+                        kind = np.full_like(kind, CROP_KINDS["all"])
+                    keep = np.isin(kind, list(pools))
+                    kinds.append(np.where(keep, kind, CROP_KINDS["none"]).astype(np.uint8))
+                    owners.append(np.full(int(keep.sum()), local_index))
+                    boxes.append(layout.windows[keep])
+                embeddings = embed_crops(backbone, concept, torch.from_numpy(np.concatenate(boxes)),
+                                         torch.from_numpy(np.concatenate(owners)), cfg.crop_size,
+                                         batch_size * 4, device).numpy()
+                if np.abs(embeddings).max(initial=0) > np.finfo(np.float16).max:
+                    raise InputError(None, f"crop embeddings of images {b0}..{b1 - 1} exceed float16's range "
+                                           f"(65504), in which the feature store holds them: this backbone's "
+                                           f"embeddings are not those of a normalised network")
+                embeddings = embeddings.astype(np.float16)
+                offset = 0
+                for local_index, j in enumerate(with_crops):
+                    rows = slice((b0 - start + j) * n_windows, (b0 - start + j + 1) * n_windows)
+                    keep = kinds[local_index] != CROP_KINDS["none"]
+                    block = np.zeros((n_windows, layout.dim), dtype=np.float16)   # windows of no pool: zeros
+                    block[keep] = embeddings[offset:offset + keep.sum()]
+                    offset += int(keep.sum())
+                    blocks["crops/embedding"][rows] = block
+                    blocks["crops/kind"][rows] = kinds[local_index]
+            if on_batch is not None:
+                on_batch(b1 - b0)
     for name, block in blocks.items():
         per = arrays[name].rows_per_image
         root[name][start * per:stop * per] = block

@@ -8,6 +8,7 @@ batch, so an interrupted run resumes; it is renamed to `out` when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,15 +54,16 @@ class CamShards(StageShards):
         batches = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
         stored, scales, labels = [], [], []
         # the next batches are decoded while this one runs through the backbone
-        loaded = prefetched_batches(batches, lambda i: manifest.image(i, self.image_size))
-        for batch, images in zip(batches, loaded):
-            # uint8 to the device: a quarter of float32's bytes
-            cams = concept_maps(backbone, to_float_images(stack_images(images).to(device)), centroids, self.cfg)
-            values, scale = encode_cams(cams.float().cpu().numpy(), self.cfg.cam_dtype)
-            stored.append(values)
-            scales.append(scale)
-            labels.append(cams_to_labels(cams).cpu().numpy())
-            shard_progress(len(batch))
+        # closing: an error's traceback (kept by dask) must not keep the pool's threads alive
+        with contextlib.closing(prefetched_batches(batches, lambda i: manifest.image(i, self.image_size))) as loaded:
+            for batch, images in zip(batches, loaded):
+                # uint8 to the device: a quarter of float32's bytes
+                cams = concept_maps(backbone, to_float_images(stack_images(images).to(device)), centroids, self.cfg)
+                values, scale = encode_cams(cams.float().cpu().numpy(), self.cfg.cam_dtype)
+                stored.append(values)
+                scales.append(scale)
+                labels.append(cams_to_labels(cams).cpu().numpy())
+                shard_progress(len(batch))
         return np.concatenate(stored), np.concatenate(scales), np.concatenate(labels)
 
 
@@ -94,6 +96,7 @@ def write_pseudolabels(manifest: Manifest, backbone: Backbone, concepts: Concept
             check_provenance(path, read_h5_attrs(handle), attrs)
             if handle["cam"].shape != (len(ids), k, *grid):
                 raise ValueError(f"cam shape {handle['cam'].shape} != {(len(ids), k, *grid)}")
+            handle["done"][:]       # a damaged flag chunk makes the partial unresumable, not a traceback
 
     if not resume_or_restart(partial, check, "pseudolabels", log):
         create_pseudolabel_file(partial, image_ids=ids, num_concepts=k, grid=grid, attrs=attrs,

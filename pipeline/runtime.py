@@ -126,9 +126,9 @@ def to_device(tensor: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
 
 
 def decode_threads() -> int:
-    """Batches decoded at once ahead of the compute: half the cores this process may use, 2 to 8
-    (2 on these 2-core machines; 8 on a 16-core GPU node, where one thread per batch could not
-    keep a GPU fed: JPEG decoding and resizing run at about 250 images/s per core)."""
+    """Threads decoding ahead of the compute: half the cores this process may use, 2 to 8 (2 on
+    these 2-core machines; 8 on a 16-core GPU node, where fewer could not keep a GPU fed: JPEG
+    decoding and resizing run at about 250 images/s per core)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
@@ -176,7 +176,8 @@ def prefetched_batches(batches: Sequence[Sequence[T]], load: Callable[[T], R],
     """``[load(item) for item in batch]`` for every batch, in order: prefetched one item per task,
     ``threads`` batches' worth ahead (default decode_threads()). Per item, not per batch, so
     that every thread works on the batch the compute waits for: the first batch of a shard is
-    decoded by all of them, not by one while the others start on later batches."""
+    decoded by all of them, not by one while the others start on later batches. Consume it
+    under ``contextlib.closing``: a traceback keeps the consumer's frame, and with it the pool."""
     threads = decode_threads() if threads is None else max(1, threads)
     size = max((len(batch) for batch in batches), default=1)
     loaded = prefetched((item for batch in batches for item in batch), load, ahead=threads * size, threads=threads)
@@ -184,7 +185,7 @@ def prefetched_batches(batches: Sequence[Sequence[T]], load: Callable[[T], R],
         for batch in batches:
             yield [next(loaded) for _ in batch]
     finally:
-        loaded.close()       # the pool's threads end with the batches' consumer, not with the GC
+        loaded.close()       # closing this generator ends the pool's threads
 
 
 def import_faiss():

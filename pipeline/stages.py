@@ -130,7 +130,7 @@ def interrupted_message(name: str, config: "Config | None") -> str:
     if config is None:
         return f"stage '{name}' interrupted before it started"
     if not stage.keeps:
-        return f"stage '{name}' interrupted: it wrote nothing under its outputs' names; run it again to start over"
+        return f"stage '{name}' interrupted; it keeps nothing to resume from: run it again"
     kept = stage.keeps.format(**{artifact: config.path(artifact) for artifact in ARTIFACTS})
     return f"stage '{name}' interrupted; kept for the next run to resume from: {kept}"
 

@@ -530,10 +530,19 @@ def read_cams(handle: h5py.File, index: int) -> np.ndarray:
         if "cam_scale" in handle:
             cam *= handle["cam_scale"][index]
     except OSError as exc:
-        raise damaged_pseudolabels(handle.filename, f"image {index}'s CAMs cannot be read", exc) from None
+        raise _h5_error(handle.filename, f"image {index}'s CAMs cannot be read", exc) from None
     if not np.isfinite(cam).all():
         raise damaged_pseudolabels(handle.filename, f"image {index}'s CAMs hold NaN or infinite values")
     return cam
+
+
+def read_label(handle: h5py.File, index: int) -> np.ndarray:
+    """The hard pseudo label (h, w) of image `index`; a chunk failing its checksum is an
+    InputError naming the file, as in read_cams."""
+    try:
+        return handle["label"][index]
+    except OSError as exc:
+        raise _h5_error(handle.filename, f"image {index}'s label cannot be read", exc) from None
 
 
 def damaged_pseudolabels(path: str | Path, what: str, exc: BaseException | None = None) -> InputError:
@@ -543,13 +552,22 @@ def damaged_pseudolabels(path: str | Path, what: str, exc: BaseException | None 
     return InputError(path, f"{what}{first}; the file is damaged; {_repair(path, 'pseudolabels', [path])}")
 
 
+def _h5_error(path: str | Path, what: str, exc: OSError) -> InputError:
+    """An OSError from HDF5 as an InputError: damage (a format or checksum error, which carries
+    no errno) with its repair; anything the system reports (a lock held by another process, a
+    permission, an I/O error: an errno) as it is, with no repair: the file may well be intact."""
+    if exc.errno is None:
+        return damaged_pseudolabels(path, what, exc)
+    return InputError(path, f"{what}: {type(exc).__name__}: {exc}")
+
+
 def open_h5(path: str | Path) -> h5py.File:
     """A pseudo-label file opened read-only; a file HDF5 cannot open (truncated, overwritten) is an
     InputError naming it and saying how to repair it."""
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise damaged_pseudolabels(path, "HDF5 cannot open it", exc) from None
+        raise _h5_error(path, "HDF5 cannot open it", exc) from None
 
 
 def read_h5_attrs(handle: h5py.File) -> dict:

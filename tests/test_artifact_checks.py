@@ -294,3 +294,19 @@ def test_cams_without_checksums_that_hold_nan_are_refused(config, labels):
     with pytest.raises(InputError, match=r"pseudolabels\.h5: image 2's CAMs hold NaN or infinite values; the file "
                                          r"is damaged"):
         CamReader(labels, [0, 1, 2])(2)
+
+
+def test_a_file_the_system_will_not_open_is_not_called_damaged(labels, monkeypatch):
+    import h5py
+
+    from pipeline.store import open_h5
+
+    def locked(*args, **kwargs):                  # another process holds it open for writing
+        raise BlockingIOError(11, "Unable to synchronously open file (unable to lock file)")
+
+    monkeypatch.setattr(h5py, "File", locked)
+    with pytest.raises(InputError) as info:
+        open_h5(labels)
+    message = str(info.value)
+    assert message.startswith(f"{labels}: HDF5 cannot open it: BlockingIOError: ") and "unable to lock file" in message
+    assert "damaged" not in message and "dvc" not in message     # an intact file: no repair to run

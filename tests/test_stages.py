@@ -117,5 +117,5 @@ def test_an_interrupted_stage_says_what_it_keeps_and_exits_as_ctrl_c(name, tmp_p
             "pseudolabels": f"the images it finished, in {tmp_path / 'cache' / 'pseudolabels.h5'}.partial",
             "train": f"the epochs it finished, in {tmp_path / 'cache' / 'model' / 'last.pt'}"}
     expected = (f"stage '{name}' interrupted; kept for the next run to resume from: {kept[name]}" if name in kept
-                else f"stage '{name}' interrupted: it wrote nothing under its outputs' names; run it again to start over")
+                else f"stage '{name}' interrupted; it keeps nothing to resume from: run it again")
     assert result.output.strip().splitlines() == [expected]

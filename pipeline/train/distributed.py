@@ -3,7 +3,8 @@ device, and the few collective calls the loop needs.
 
 torchrun sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (and the rendezvous address) in
 every process; without them training is one process, as always. Each rank uses
-``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo), holds ``train.batch_size / WORLD_SIZE`` samples
+``cuda:LOCAL_RANK`` (NCCL; ``cuda:0`` where the launcher gives each rank its own GPU) or the
+CPU (gloo), holds ``train.batch_size / WORLD_SIZE`` samples
 of every global batch, and only rank 0 writes files and prints.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ def setup(device_name: str) -> tuple[Ranks, torch.device]:
         return ranks, device
     if device.type == "cuda":
         visible = torch.cuda.device_count()
-        if visible == 1:
+        if visible == 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) == 1:
             index = 0          # a launcher that gives each rank its own GPU (srun --gpus-per-task=1)
         elif ranks.local_rank < visible:
             index = ranks.local_rank
