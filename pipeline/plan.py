@@ -92,7 +92,7 @@ def plan_features(config: Config, manifest: Manifest, backbone, scratch: Path) -
 
 def plan_pseudolabels(config: Config, manifest: Manifest, backbone, scratch: Path) -> ArtifactPlan:
     """pseudolabels.h5: the file create_pseudolabel_file makes, plus every image's chunks."""
-    from pipeline.store import FLAG_CHUNK, create_pseudolabel_file
+    from pipeline.store import create_pseudolabel_file, flag_chunk_images
 
     h, w = (int(v) // backbone.patch_size for v in config.image_size)
     k = sum(int(v) for v in config.concepts.k.values()) + int(config.pseudolabels.background)
@@ -102,9 +102,9 @@ def plan_pseudolabels(config: Config, manifest: Manifest, backbone, scratch: Pat
     n = len(manifest.records)
     label_bytes = 1 if k < 255 else 2
     # every chunk carries a 4-byte checksum (fletcher32); cam and label: a chunk per image;
-    # cam_scale and done: chunks of FLAG_CHUNK images, each allocated whole when first written
+    # cam_scale and done: chunks of flag_chunk_images(n) images, each allocated whole when first written
     per_image = n * (k * h * w * np.dtype(config.pseudolabels.cam_dtype).itemsize + h * w * label_bytes + 2 * 4)
-    per_chunk = min(n, FLAG_CHUNK) or 1
+    per_chunk = flag_chunk_images(n)
     blocks = math.ceil(n / per_chunk)
     flags = blocks * (per_chunk * (4 + 1) + 2 * 4)
     index = (2 * math.ceil(n / HDF5_CHUNKS_PER_NODE) + 2 * math.ceil(blocks / HDF5_CHUNKS_PER_NODE)) \

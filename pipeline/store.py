@@ -490,7 +490,7 @@ def create_pseudolabel_file(
     # not CAMs that silently train on garbage (its blind spot, 16-bit words turned from 0x0000 to
     # 0xffff or back, reads as NaN in float CAMs: read_cams refuses those too)
     checked = {"fletcher32": True}
-    per_chunk = min(n, FLAG_CHUNK) or 1
+    per_chunk = flag_chunk_images(n)
     with h5py.File(path, "w") as handle:
         handle.create_dataset("cam", shape=(n, num_concepts, h, w), dtype=cam_dtype, chunks=(1, num_concepts, h, w),
                               **checked)
@@ -503,8 +503,12 @@ def create_pseudolabel_file(
 
 
 CAM_DTYPES = ("float32", "float16", "uint16")
-# images per chunk of pseudolabels.h5's per-image flags and scales (cam_scale, done)
-FLAG_CHUNK = 65536
+
+
+def flag_chunk_images(n: int) -> int:
+    """Images per chunk of pseudolabels.h5's per-image scales and flags (cam_scale, done), for n
+    images: 65,536 at most (what create_pseudolabel_file makes and pipeline.plan counts)."""
+    return min(n, 65536) or 1
 
 
 def encode_cams(cams: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -525,12 +529,9 @@ def read_cams(handle: h5py.File, index: int) -> np.ndarray:
         InputError: naming the file and how to repair it, when the image's chunk fails its
             checksum or holds values no CAM has (NaN, infinite: a file written before checksums).
     """
-    try:
-        cam = handle["cam"][index].astype(np.float32)
-        if "cam_scale" in handle:
-            cam *= handle["cam_scale"][index]
-    except OSError as exc:
-        raise _h5_error(handle.filename, f"image {index}'s CAMs cannot be read", exc) from None
+    cam = _read_row(handle, "cam", index, "CAMs").astype(np.float32)
+    if "cam_scale" in handle:
+        cam *= _read_row(handle, "cam_scale", index, "CAMs")
     if not np.isfinite(cam).all():
         raise damaged_pseudolabels(handle.filename, f"image {index}'s CAMs hold NaN or infinite values")
     return cam
@@ -539,10 +540,16 @@ def read_cams(handle: h5py.File, index: int) -> np.ndarray:
 def read_label(handle: h5py.File, index: int) -> np.ndarray:
     """The hard pseudo label (h, w) of image `index`; a chunk failing its checksum is an
     InputError naming the file, as in read_cams."""
+    return _read_row(handle, "label", index, "label")
+
+
+def _read_row(handle: h5py.File, name: str, index: int, what: str) -> np.ndarray:
+    """Row `index` of dataset `name` of a pseudo-label file; HDF5's OSError as _h5_error's
+    InputError ("image 3's <what> cannot be read ...")."""
     try:
-        return handle["label"][index]
+        return handle[name][index]
     except OSError as exc:
-        raise _h5_error(handle.filename, f"image {index}'s label cannot be read", exc) from None
+        raise _h5_error(handle.filename, f"image {index}'s {what} cannot be read", exc) from None
 
 
 def damaged_pseudolabels(path: str | Path, what: str, exc: BaseException | None = None) -> InputError:

@@ -374,4 +374,5 @@ def _loader(dataset: Dataset, config: TrainConfig, batches: GlobalBatches, devic
     the lowest priority, taking the cycles the training step leaves (yield_to_compute)."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
                       persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
-                      worker_init_fn=yield_to_compute, collate_fn=collate_samples, generator=torch.Generator().manual_seed(int(config.seed)))
+                      worker_init_fn=yield_to_compute, collate_fn=collate_samples,
+                      generator=torch.Generator().manual_seed(int(config.seed)))
